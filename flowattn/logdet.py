@@ -38,13 +38,16 @@ from __future__ import annotations
 
 __all__ = [
     "ExactLogDet",
+    "ESTIMATORS",
     "LogDetEstimator",
     "PowerSeriesLogDet",
     "RussianRouletteLogDet",
+    "make_estimator",
     "sample_probes",
     "series_truncation_bound",
 ]
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -143,6 +146,10 @@ class LogDetEstimator(nn.Module):
         """The log-det (B,) of ``x -> x + g(x)`` given ``gx = g(x)`` with its graph."""
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """A one-line description for reports, saying whether the estimate is biased."""
+        raise NotImplementedError
+
 
 class ExactLogDet(LogDetEstimator):
     r"""Exact log-det from the dense per-sample Jacobian (cost :math:`O(D)` backward passes).
@@ -163,6 +170,9 @@ class ExactLogDet(LogDetEstimator):
         jac = dense_jacobian(gx, x, create_graph=create_graph)
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
         return torch.linalg.slogdet(eye + jac).logabsdet
+
+    def describe(self) -> str:
+        return "exact (dense Jacobian)"
 
 
 def dense_jacobian(gx: Tensor, x: Tensor, *, create_graph: bool = False) -> Tensor:
@@ -279,6 +289,10 @@ class PowerSeriesLogDet(_SeriesLogDet):
     def term_weights(self) -> Sequence[float]:
         return [1.0] * self.n_terms
 
+    def describe(self) -> str:
+        probes = "exact traces" if self.probe == "basis" else f"{self.n_probes} {self.probe} probe"
+        return f"power series, {self.n_terms} terms, {probes} (biased: truncated)"
+
     def extra_repr(self) -> str:
         return (
             f"n_terms={self.n_terms}, n_probes={self.n_probes}, probe={self.probe!r}, "
@@ -351,6 +365,15 @@ class RussianRouletteLogDet(_SeriesLogDet):
             return int(torch.empty(()).geometric_(self.p).item())
         return int(torch.poisson(torch.tensor(self.lam)).item())
 
+    def describe(self) -> str:
+        extra = (
+            f"geometric p={self.p}" if self.distribution == "geometric" else f"poisson {self.lam}"
+        )
+        return (
+            f"Russian roulette, {self.n_exact} exact terms + {extra}, {self.n_probes} "
+            f"{self.probe} probe (unbiased)"
+        )
+
     def term_weights(self) -> Sequence[float]:
         n = min(self.n_exact + self.sample_extra_terms(), self.max_terms)
         return [1.0 / self.survival(k - self.n_exact) for k in range(1, n + 1)]
@@ -410,3 +433,51 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
             ]
         ctx.gx = ctx.x = ctx.params = None
         return (None, None, None, grad_x, *grad_params)
+
+
+ESTIMATORS = {"series": PowerSeriesLogDet, "roulette": RussianRouletteLogDet, "exact": ExactLogDet}
+
+
+def estimator_options(name: str) -> set[str]:
+    """Keyword options :func:`make_estimator` accepts for estimator ``name``."""
+    if name not in ESTIMATORS:
+        raise ValueError(
+            f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}"
+            " or a LogDetEstimator instance"
+        )
+    params = inspect.signature(ESTIMATORS[name].__init__).parameters.items()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    names = {k for k, p in params if k != "self" and p.kind not in variadic} - {"n_exact"}
+    # n_terms and n_probes are accepted by every estimator (the exact one ignores them),
+    # so that one configuration can switch estimators.
+    return names | {"n_terms", "n_probes"}
+
+
+def make_estimator(name: str | LogDetEstimator, **options) -> LogDetEstimator:
+    r"""Builds an estimator by name: ``"series"``, ``"roulette"`` or ``"exact"``.
+
+    ``n_terms`` is the number of series terms (``series``) or of exact leading terms
+    (``roulette``); the other options are the estimator's constructor arguments. An
+    estimator instance is returned as is (no options allowed).
+
+    Example:
+        >>> make_estimator("roulette", n_terms=3, p=0.3).describe()
+        'Russian roulette, 3 exact terms + geometric p=0.3, 1 rademacher probe (unbiased)'
+    """
+    if isinstance(name, LogDetEstimator):
+        if options:
+            raise ValueError(f"options {sorted(options)} given with an estimator instance")
+        return name
+    valid = estimator_options(name)
+    unknown = set(options) - valid
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(sorted(unknown))} for estimator {name!r}; "
+            f"valid options: {', '.join(sorted(valid))}"
+        )
+    if name == "roulette" and "n_terms" in options:
+        options["n_exact"] = options.pop("n_terms")
+    if name == "exact":
+        options.pop("n_terms", None)
+        options.pop("n_probes", None)
+    return ESTIMATORS[name](**options)

@@ -49,7 +49,7 @@ from scipy.special import lambertw
 from torch import Tensor, nn
 
 from ..lipschitz import ConstrainedLinear, SpectralRescale, inf_norm, jacobian_spectral_norm
-from ..logdet import ExactLogDet, LogDetEstimator, PowerSeriesLogDet, RussianRouletteLogDet
+from ..logdet import LogDetEstimator, estimator_options, make_estimator
 from .residual import ResidualTransform
 
 PAPER_KINDS = ("gaussian", "embedded_gaussian", "dot", "concat")
@@ -373,7 +373,6 @@ _BRANCHES = {
     "external": ExternalAttention,
     "l2": L2SelfAttention,
 }
-_ESTIMATORS = {"series": PowerSeriesLogDet, "roulette": RussianRouletteLogDet, "exact": ExactLogDet}
 _RESIDUAL_OPTIONS = ("solver", "atol", "rtol", "max_iter", "strict")
 
 
@@ -428,29 +427,19 @@ def invertible_attention(
     branch_opts = {k: options.pop(k) for k in list(options) if k in branch_names}
 
     if isinstance(estimator, LogDetEstimator):
-        est = estimator
         est_names: set[str] = set()
-    elif estimator in _ESTIMATORS:
-        est_cls = _ESTIMATORS[estimator]
-        est_names = _option_names(est_cls) - {"n_terms", "n_exact", "n_probes"}
-        est_opts = {k: options.pop(k) for k in list(options) if k in est_names}
-        if estimator == "series":
-            est = est_cls(n_terms=n_terms, n_probes=n_probes, **est_opts)
-        elif estimator == "roulette":
-            est = est_cls(n_exact=n_terms, n_probes=n_probes, **est_opts)
-        else:
-            est = est_cls(**est_opts)
     else:
-        raise ValueError(
-            f"unknown estimator {estimator!r}; valid estimators: {', '.join(_ESTIMATORS)}"
-            " or a LogDetEstimator instance"
-        )
+        est_names = estimator_options(estimator)
+    est_opts = {k: options.pop(k) for k in list(options) if k in est_names}
+    if not isinstance(estimator, LogDetEstimator):
+        est_opts.update(n_terms=n_terms, n_probes=n_probes)
     if options:
         valid = sorted(branch_names | est_names | set(_RESIDUAL_OPTIONS))
         raise ValueError(
             f"unknown option(s) {', '.join(sorted(options))} for kind {kind!r} with estimator "
             f"{estimator!r}; valid options: {', '.join(valid)}"
         )
+    est = make_estimator(estimator, **est_opts)
     if branch_cls is PaperAttention:
         branch = PaperAttention(channels, kind, coeff=coeff, **branch_opts)
     else:
