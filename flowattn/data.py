@@ -1,0 +1,416 @@
+r"""Image datasets as uint8 tensors (C, H, W), with clear errors for missing or bad data.
+
+Every dataset yields ``(image, label)`` with ``image`` a uint8 tensor (C, H, W) of
+levels 0..255 and ``label`` an int (-1 when there is none). Datasets by name:
+
+* ``digits`` (default, no download): scikit-learn's 1,797 handwritten digits, 8x8
+  grey levels 0..16 rescaled to 0..255, shipped inside the scikit-learn wheel. It is
+  real image data with a fixed split (first 1,500 train, last 297 test) and small
+  enough that a CPU trains a flow on it in minutes; 17 grey levels make its
+  bits-per-dim low and not comparable with natural-image figures.
+* ``cifar10``, ``svhn``, ``celeba``: through torchvision, from ``root`` (default
+  ``$FLOWATTN_DATA`` or ``./data``) in torchvision's own layouts. Checksums are not
+  enforced (subsets and re-packed copies load), shapes and dtypes are. CelebA is
+  centre-cropped to 178x178 then resized to ``image_size`` (32 or 64) as in the paper.
+* ``npz``: uint8 arrays ``x_<split>`` (and labels ``y_<split>``) in an ``.npz`` file,
+  HWC or CHW, e.g. ``../shared/data/cifar10/cifar10_subset.npz``. A path ending in
+  ``.npz`` works as a dataset name.
+* ``folder``: every PNG/JPEG/BMP/WebP image under a directory (recursively); a
+  directory path works as a dataset name.
+
+References:
+    | Invertible Attention (Zha et al., 2021), section 4 (datasets and preprocessing)
+    | https://arxiv.org/abs/2106.09003
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DatasetNotFoundError",
+    "ImageTensorDataset",
+    "load_dataset",
+    "stack_images",
+]
+
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+DATASETS = ("digits", "cifar10", "svhn", "celeba", "npz", "folder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_SPLITS = {
+    "digits": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "svhn": ("train", "test", "extra"),
+    "celeba": ("train", "valid", "test", "all"),
+}
+_DIGITS_TRAIN = 1500
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are not where they were looked for."""
+
+
+class DataError(ValueError):
+    """The dataset's files exist but are corrupted, of the wrong shape or dtype."""
+
+
+class ImageTensorDataset(Dataset):
+    r"""In-memory images (N, C, H, W) uint8 with optional labels (N,).
+
+    Example:
+        >>> ds = ImageTensorDataset(torch.zeros(5, 1, 8, 8, dtype=torch.uint8))
+        >>> len(ds), ds[0][0].shape, ds[0][1]
+        (5, torch.Size([1, 8, 8]), -1)
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor | None = None, name: str = "images"):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise DataError(
+                f"{name}: expected uint8 images (N, C, H, W), got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if labels is not None and len(labels) != len(images):
+            raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.name = name
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        label = -1 if self.labels is None else int(self.labels[index])
+        return self.images[index], label
+
+
+def _default_root() -> Path:
+    return Path(os.environ.get("FLOWATTN_DATA", "data"))
+
+
+def _check_split(name: str, split: str) -> None:
+    valid = _SPLITS.get(name, ("train", "test"))
+    if split not in valid:
+        raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
+
+
+def _as_nchw(array: np.ndarray, source: str) -> np.ndarray:
+    """uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) -> (N, C, H, W)."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8:
+        dtype = getattr(array, "dtype", type(array).__name__)
+        raise DataError(
+            f"{source}: expected uint8 pixel levels 0..255, got dtype {dtype} "
+            "(convert with (x * 255).round().astype(numpy.uint8) if it holds [0, 1] floats)"
+        )
+    if array.ndim == 3:
+        array = array[:, None]
+    if array.ndim != 4:
+        raise DataError(
+            f"{source}: expected images (N, H, W, C) or (N, C, H, W), got {array.shape}"
+        )
+    if array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):
+        array = array.transpose(0, 3, 1, 2)
+    elif array.shape[1] not in (1, 3, 4):
+        raise DataError(f"{source}: cannot tell the channel axis of shape {array.shape}")
+    if array.shape[0] == 0:
+        raise DataError(f"{source}: no images")
+    return np.ascontiguousarray(array)
+
+
+def _digits(split: str) -> ImageTensorDataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255 / 16)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    labels = bunch.target
+    part = slice(None, _DIGITS_TRAIN) if split == "train" else slice(_DIGITS_TRAIN, None)
+    return ImageTensorDataset(
+        torch.from_numpy(images[part].copy()),
+        torch.from_numpy(labels[part].copy()),
+        name=f"digits/{split}",
+    )
+
+
+def _npz(path: Path, split: str, key: str | None) -> ImageTensorDataset:
+    if not path.is_file():
+        raise DatasetNotFoundError(
+            f"no .npz file at {path.resolve()}; pass the path of a file holding uint8 arrays "
+            f"'x_{split}' (and optionally 'y_{split}')"
+        )
+    key = key or f"x_{split}"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if key not in data.files:
+                raise DataError(f"{path} has no array {key!r}; it has {', '.join(data.files)}")
+            images = data[key]
+            label_key = "y" + key[1:] if key.startswith("x") else None
+            labels = data[label_key] if label_key in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"cannot read {path} as an .npz archive: {error}") from None
+    images = _as_nchw(images, f"{path}[{key!r}]")
+    label_tensor = None
+    if labels is not None:
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"{path}: labels {labels.shape} do not match {images.shape[0]} images")
+        label_tensor = torch.from_numpy(labels.astype(np.int64))
+    return ImageTensorDataset(torch.from_numpy(images), label_tensor, name=f"{path.name}/{key}")
+
+
+def _missing(name: str, path: Path, expected: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{name} not found at {path.resolve()} (expected {expected}). Download it with "
+        f"torchvision (e.g. torchvision.datasets.{name}(root, download=True)), pass root= "
+        f"(or set FLOWATTN_DATA) to where it is, or use an .npz copy"
+    )
+
+
+def _cifar10(root: Path, split: str) -> ImageTensorDataset:
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    files = [name for name, _ in (CIFAR10.train_list if split == "train" else CIFAR10.test_list)]
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise _missing("CIFAR10", folder, f"the python pickles {', '.join(files)}")
+
+    class _Unchecked(CIFAR10):
+        def _check_integrity(self) -> bool:
+            return True
+
+        def _load_meta(self) -> None:
+            self.classes = []
+
+    try:
+        ds = _Unchecked(str(root), train=split == "train")
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as error:
+        raise DataError(
+            f"CIFAR-10 pickles in {folder} are corrupted or not in CIFAR's format: {error!r}"
+        ) from None
+    data = np.asarray(ds.data)
+    if data.dtype != np.uint8 or data.shape[1:] != (32, 32, 3):
+        raise DataError(f"CIFAR-10 in {folder}: expected uint8 (N, 32, 32, 3), got {data.shape}")
+    images = torch.from_numpy(_as_nchw(data, str(folder)))
+    return ImageTensorDataset(images, torch.as_tensor(ds.targets), name=f"cifar10/{split}")
+
+
+def _svhn(root: Path, split: str) -> ImageTensorDataset:
+    from torchvision.datasets import SVHN
+
+    file = root / SVHN.split_list[split][1]
+    if not file.is_file():
+        raise _missing("SVHN", root, f"the MATLAB file {file.name}")
+
+    class _Unchecked(SVHN):
+        def _check_integrity(self) -> bool:
+            return True
+
+    try:
+        ds = _Unchecked(str(root), split=split)
+    except (ValueError, KeyError, OSError, TypeError, NotImplementedError) as error:
+        raise DataError(f"{file} is corrupted or not an SVHN .mat file: {error!r}") from None
+    data = np.asarray(ds.data)
+    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[1:] != (3, 32, 32):
+        raise DataError(f"{file}: expected uint8 X of shape (32, 32, 3, N), got {data.shape}")
+    labels = torch.as_tensor(np.asarray(ds.labels, dtype=np.int64))
+    return ImageTensorDataset(torch.from_numpy(np.ascontiguousarray(data)), labels, f"svhn/{split}")
+
+
+class _LazyImages(Dataset):
+    """Images read from files on access, converted to uint8 (C, H, W) tensors."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Sequence[int] | None,
+        transform: Callable,
+        mode: str,
+        name: str,
+    ):
+        self.files = list(files)
+        self.labels = labels
+        self.transform = transform
+        self.mode = mode
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms.functional import pil_to_tensor
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                image = self.transform(image.convert(self.mode))
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise DataError(f"cannot read image {path}: {error}") from None
+        label = -1 if self.labels is None else int(self.labels[index])
+        return pil_to_tensor(image), label
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self[0][0].shape)
+
+
+def _crop_resize(crop: int | None, size: int | None) -> Callable:
+    from torchvision import transforms
+
+    steps = []
+    if crop is not None:
+        steps.append(transforms.CenterCrop(crop))
+    if size is not None:
+        steps.append(transforms.Resize(size, antialias=True))
+        steps.append(transforms.CenterCrop(size))
+    return transforms.Compose(steps)
+
+
+def _celeba(root: Path, split: str, image_size: int | None) -> _LazyImages:
+    from torchvision.datasets import CelebA
+
+    folder = root / CelebA.base_folder
+    needed = [f for _, _, f in CelebA.file_list if not f.endswith(".zip")]
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if not (folder / "img_align_celeba").is_dir():
+        missing.insert(0, "img_align_celeba/")
+    if missing:
+        raise _missing("CelebA", folder, f"{', '.join(missing)}")
+
+    class _Unchecked(CelebA):
+        def _check_integrity(self) -> bool:
+            return True
+
+    try:
+        ds = _Unchecked(str(root), split=split, target_type=[])
+    except (ValueError, KeyError, IndexError, RuntimeError) as error:
+        raise DataError(f"CelebA annotation files in {folder} are malformed: {error!r}") from None
+    files = [folder / "img_align_celeba" / name for name in ds.filename]
+    if not files:
+        raise DataError(f"CelebA in {folder}: no images in split {split!r}")
+    size = 64 if image_size is None else image_size
+    return _LazyImages(files, None, _crop_resize(178, size), "RGB", f"celeba/{split}")
+
+
+def _folder(path: Path, image_size: int | None, channels: int) -> _LazyImages:
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"no image folder at {path.resolve()}")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetNotFoundError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path.resolve()}"
+        )
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    transform = _crop_resize(None, image_size)
+    ds = _LazyImages(files, None, transform, mode, path.name)
+    if image_size is None:
+        from PIL import Image
+
+        sizes = set()
+        for f in files[:64]:
+            try:
+                with Image.open(f) as image:
+                    sizes.add(image.size)
+            except OSError as error:
+                raise DataError(f"cannot read image {f}: {error}") from None
+        if len(sizes) > 1:
+            raise DataError(
+                f"images under {path} have different sizes {sorted(sizes)[:4]}; "
+                "pass image_size to crop and resize them"
+            )
+    return ds
+
+
+def load_dataset(
+    name: str | Path = "digits",
+    split: str = "train",
+    *,
+    root: str | Path | None = None,
+    image_size: int | None = None,
+    channels: int = 3,
+    key: str | None = None,
+) -> Dataset:
+    r"""Loads a dataset of uint8 images (C, H, W) by name or path.
+
+    Arguments:
+        name: One of :data:`DATASETS`, a path to an ``.npz`` file, or a directory of images.
+        split: ``train`` or ``test`` (SVHN also ``extra``; CelebA also ``valid``, ``all``).
+        root: Where the torchvision datasets are (default ``$FLOWATTN_DATA`` or
+            ``./data``); the file for ``npz``, the directory for ``folder``.
+        image_size: Side of the square output for ``celeba`` (default 64) and ``folder``.
+        channels: 1 or 3, for ``folder``.
+        key: Array name in an ``.npz`` file (default ``x_<split>``).
+
+    Returns:
+        A ``torch.utils.data.Dataset`` of ``(image, label)``.
+
+    Raises:
+        DatasetNotFoundError: The files are missing (the message names the path tried).
+        DataError: The files are corrupted or hold the wrong shape or dtype.
+
+    Example:
+        >>> ds = load_dataset("digits", "test")
+        >>> len(ds), ds[0][0].dtype, ds[0][0].shape
+        (297, torch.uint8, torch.Size([1, 8, 8]))
+    """
+    path = Path(name)
+    if str(name).endswith(".npz"):
+        name, root = "npz", path
+    elif name not in DATASETS and path.is_dir():
+        name, root = "folder", path
+    if name not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {str(name)!r}; valid: {', '.join(DATASETS)}, an .npz path or "
+            "an image directory"
+        )
+    if name in ("npz", "folder") and root is None:
+        raise ValueError(f"dataset {name!r} needs root= (the {name} path)")
+    if image_size is not None and name in ("digits", "cifar10", "svhn", "npz"):
+        raise ValueError(f"{name} has a fixed image size; image_size is for celeba and folder")
+    if name != "folder":
+        _check_split(name, split)
+    root = _default_root() if root is None else Path(root)
+    if name == "digits":
+        return _digits(split)
+    if name == "npz":
+        return _npz(root, split, key)
+    if name == "cifar10":
+        return _cifar10(root, split)
+    if name == "svhn":
+        return _svhn(root, split)
+    if name == "celeba":
+        return _celeba(root, split, image_size)
+    return _folder(root, image_size, channels)
+
+
+def stack_images(dataset: Dataset, limit: int | None = None) -> Tensor:
+    """The first ``limit`` images of a dataset as one uint8 tensor (N, C, H, W).
+
+    Example:
+        >>> stack_images(load_dataset("digits", "test"), limit=4).shape
+        torch.Size([4, 1, 8, 8])
+    """
+    if isinstance(dataset, ImageTensorDataset):
+        return dataset.images[:limit]
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    images = [dataset[i][0] for i in range(n)]
+    shapes = {tuple(im.shape) for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"images of different shapes {sorted(shapes)[:4]}")
+    return torch.stack(images)
