@@ -398,6 +398,7 @@ class DensityModel(Flow):
         batch_size: int = 256,
         estimator: str | LogDetEstimator | None = None,
         progress: bool = False,
+        **estimator_options: Any,
     ) -> BitsPerDim:
         r"""Bits per dimension of 8-bit images, with its standard error and estimator.
 
@@ -409,8 +410,10 @@ class DensityModel(Flow):
             x: uint8 images (N, C, H, W).
             repeats: Dequantisation and probe draws per image.
             batch_size: Images per forward pass.
-            estimator: Log-det estimator for this evaluation (default: the model's).
+            estimator: Log-det estimator for this evaluation (default: the model's), an
+                instance or a name (``series``, ``roulette``, ``exact``).
             progress: Show a progress bar.
+            estimator_options: Options of a named estimator (``n_terms``, ``n_probes``...).
 
         Returns:
             A :class:`~flowattn.metrics.BitsPerDim` (mean, standard error, estimator).
@@ -424,7 +427,11 @@ class DensityModel(Flow):
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="bits/dim", unit="batch")
-        with self.evaluating(), self.using_estimator(estimator), torch.no_grad():
+        with (
+            self.evaluating(),
+            self.using_estimator(estimator, **estimator_options),
+            torch.no_grad(),
+        ):
             description = self.estimator_description()
             for start in batches:
                 xb = x[start : start + batch_size]
