@@ -132,9 +132,7 @@ def reconstruction_error(x: Tensor, x_hat: Tensor, *, peak: float = 255.0) -> Re
     if x.shape != x_hat.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} and {tuple(x_hat.shape)}")
     if (x.dtype == torch.uint8) != (x_hat.dtype == torch.uint8):
-        raise ValueError(
-            f"one input is uint8 and the other {x_hat.dtype}/{x.dtype}: same scale needed"
-        )
+        raise ValueError(f"compare images of one scale: got {x.dtype} and {x_hat.dtype}")
     to_levels = 255.0 / (255.0 if x.dtype == torch.uint8 else peak)
     diff = (x.double() - x_hat.double()) * to_levels
     max_abs = float(diff.abs().max())

@@ -142,7 +142,9 @@ def train(
                 callback(result.steps, result.losses[-1])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(bpd=f"{float(loss):.3f}", img_s=f"{result.images_per_second:.0f}")
+                bar.set_postfix(
+                    bpd=f"{result.losses[-1]:.3f}", img_s=f"{result.images_per_second:.0f}"
+                )
     finally:
         if bar is not None:
             bar.close()

@@ -35,8 +35,9 @@ def _sum_except_batch(t: Tensor) -> Tensor:
 class UniformDequantization(Transform):
     r"""Maps integer pixel levels to :math:`y = (x + u) / 2^b` in :math:`[0, 1)`.
 
-    ``forward`` takes images of integer levels :math:`0 .. 2^b - 1` (uint8, or a float
-    tensor holding integers) and returns the dequantised :math:`y` with log-det
+    ``forward`` takes images of integer levels :math:`0 .. 2^b - 1` (uint8, converted to
+    the module's dtype and device, or a float tensor holding integers) and returns the
+    dequantised :math:`y` with log-det
     :math:`-D\, b \ln 2` per sample (the 1/256 scaling; the uniform noise has density
     one). ``inverse`` quantises back, :math:`x = \lfloor 2^b y \rfloor` clamped to the
     valid levels, as a float tensor; it is a left inverse only (many y give one x).
@@ -63,6 +64,8 @@ class UniformDequantization(Transform):
             raise ValueError(f"bits must be in 1..16, got {bits}")
         self.bits = bits
         self.noise = noise
+        # Follows the module's dtype and device (.double(), .to(device)) for uint8 inputs.
+        self.register_buffer("_reference", torch.zeros(()), persistent=False)
 
     @property
     def levels(self) -> int:
@@ -77,7 +80,7 @@ class UniformDequantization(Transform):
                     "got non-integer or out-of-range values (pass uint8 images, not [0, 1] ones)"
                 )
         else:
-            x = inputs.to(torch.get_default_dtype())
+            x = inputs.to(self._reference)
         u = torch.rand_like(x) if self.noise else torch.full_like(x, 0.5)
         y = (x + u) / self.levels
         dims = x[0].numel()

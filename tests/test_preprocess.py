@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+from conftest import dense_jacobian_of
+
+from flowattn.transforms.preprocess import LogitTransform, UniformDequantization
+
+
+def test_dequantization_range_logdet_and_inverse():
+    deq = UniformDequantization()
+    x = torch.randint(0, 256, (16, 3, 4, 4), dtype=torch.uint8)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0, 255
+    y, logabsdet = deq(x)
+    assert ((y >= 0) & (y < 1)).all()
+    assert torch.allclose(logabsdet.double(), torch.full((16,), -48 * math.log(256.0)).double())
+    x_back, _ = deq.inverse(y)
+    assert torch.equal(x_back.to(torch.uint8), x)
+    # y lies in x's bin [x/256, (x+1)/256)
+    assert ((y * 256 - x.float()) >= 0).all() and ((y * 256 - x.float()) < 1).all()
+
+
+def test_dequantization_centres_and_float_levels():
+    deq = UniformDequantization(noise=False)
+    x = torch.tensor([[0.0, 1.0, 255.0]])
+    y, _ = deq(x)
+    assert torch.allclose(y, (x + 0.5) / 256)
+
+
+@pytest.mark.parametrize("bad", [torch.full((1, 3), 0.5), torch.full((1, 3), 256.0)])
+def test_dequantization_rejects_non_levels(bad):
+    with pytest.raises(ValueError, match="integer levels"):
+        UniformDequantization()(bad)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 1e-6])
+def test_logit_logdet_matches_jacobian(alpha):
+    logit = LogitTransform(alpha)
+    y = torch.rand(3, 2, 2, 2, dtype=torch.float64)
+    y[0, 0, 0, 0], y[0, 0, 0, 1] = 0.0, 1.0
+    _, logabsdet = logit(y)
+    jac = dense_jacobian_of(lambda t: logit(t)[0], y)
+    assert torch.allclose(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-9)
+    z, _ = logit(y)
+    y_back, inv_logabsdet = logit.inverse(z)
+    assert torch.allclose(y_back, y, atol=1e-10)
+    assert torch.allclose(inv_logabsdet, -logabsdet, atol=1e-9)
+
+
+def test_logit_rejects_out_of_range():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        LogitTransform()(torch.tensor([[1.5, 0.2]]))
+    with pytest.raises(ValueError, match="alpha"):
+        LogitTransform(0.5)
