@@ -1,0 +1,212 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from flowattn.data import (
+    DataError,
+    DatasetNotFoundError,
+    ImageTensorDataset,
+    load_dataset,
+    stack_images,
+)
+
+SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10_subset.npz"
+rng = np.random.default_rng(0)
+
+
+def test_shared_cifar10_subset():
+    if not SHARED_NPZ.is_file():
+        pytest.skip(f"shared CIFAR-10 subset not at {SHARED_NPZ}")
+    train = load_dataset(SHARED_NPZ, "train")
+    test = load_dataset(str(SHARED_NPZ), "test")
+    assert (len(train), len(test)) == (5085, 1017)
+    assert train.image_shape == (3, 32, 32)
+    with np.load(SHARED_NPZ) as raw:
+        expected = raw["x_test"][5]
+        label = int(raw["y_test"][5])
+    image, y = test[5]
+    assert image.dtype == torch.uint8
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), expected) and y == label
+
+
+def test_digits_is_the_default_and_has_fixed_splits():
+    train, test = load_dataset(), load_dataset("digits", "test")
+    assert (len(train), len(test)) == (1500, 297)
+    images = stack_images(train)
+    assert images.dtype == torch.uint8 and images.shape[1:] == (1, 8, 8)
+    assert images.max() == 255 and images.min() == 0
+    assert 0 <= train[0][1] <= 9
+
+
+def _write_cifar(root: Path, n: int = 4) -> dict[str, np.ndarray]:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        entry = {"batch_label": name, "data": data, "labels": list(range(n)), "filenames": []}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        written[name] = data
+    meta = {"label_names": [f"class{i}" for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return written
+
+
+def test_cifar10_torchvision_pickles(tmp_path):
+    written = _write_cifar(tmp_path)
+    train = load_dataset("cifar10", "train", root=tmp_path)
+    test = load_dataset("cifar10", "test", root=tmp_path)
+    assert (len(train), len(test)) == (20, 4)
+    # CIFAR rows are channel-major: 1024 red, 1024 green, 1024 blue values
+    expected = torch.from_numpy(written["test_batch"][2].reshape(3, 32, 32))
+    assert torch.equal(test[2][0], expected) and test[2][1] == 2
+
+
+def test_cifar10_missing_and_corrupted(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=str(tmp_path / "cifar-10-batches-py")):
+        load_dataset("cifar10", root=tmp_path)
+    _write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])  # truncated
+    with pytest.raises(DataError, match="corrupted"):
+        load_dataset("cifar10", "train", root=tmp_path)
+
+
+def _write_svhn(root: Path, split: str, n: int = 5, x=None) -> np.ndarray:
+    root.mkdir(parents=True, exist_ok=True)
+    if x is None:
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = np.arange(1, n + 1, dtype=np.uint8).reshape(n, 1) % 10 + 1  # labels 1..10
+    scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
+    return x
+
+
+def test_svhn_mat_files(tmp_path):
+    x = _write_svhn(tmp_path, "test")
+    ds = load_dataset("svhn", "test", root=tmp_path)
+    assert len(ds) == 5
+    image, label = ds[1]
+    assert torch.equal(image, torch.from_numpy(x[:, :, :, 1].transpose(2, 0, 1).copy()))
+    assert all(0 <= ds[i][1] <= 9 for i in range(5))  # SVHN's 10 means digit 0
+    with pytest.raises(DatasetNotFoundError, match="train_32x32.mat"):
+        load_dataset("svhn", "train", root=tmp_path)
+
+
+def test_svhn_bad_files(tmp_path):
+    (tmp_path / "train_32x32.mat").write_bytes(b"not a mat file at all")
+    with pytest.raises(DataError, match="train_32x32.mat"):
+        load_dataset("svhn", "train", root=tmp_path)
+    _write_svhn(tmp_path / "f", "test", x=np.zeros((32, 32, 3, 2), dtype=np.float64))
+    with pytest.raises(DataError, match="uint8"):
+        load_dataset("svhn", "test", root=tmp_path / "f")
+
+
+def _write_celeba(root: Path, n: int = 6) -> Path:
+    folder = root / "celeba"
+    images = folder / "img_align_celeba"
+    images.mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
+    for name in names:
+        pixels = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / name, quality=95)
+    partition = [0, 0, 0, 1, 2, 2][:n]
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{f} {p}\n" for f, p in zip(names, partition, strict=True))
+    )
+    (folder / "identity_CelebA.txt").write_text("".join(f"{f} 1\n" for f in names))
+    attrs = "5_o_Clock_Shadow Smiling"
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{n}\n{attrs}\n" + "".join(f"{f} -1  1\n" for f in names)
+    )
+    (folder / "list_bbox_celeba.txt").write_text(
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{f} 1 2 3 4\n" for f in names)
+    )
+    (folder / "list_landmarks_align_celeba.txt").write_text(
+        f"{n}\nlefteye_x lefteye_y\n" + "".join(f"{f} 69 109\n" for f in names)
+    )
+    return images
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_celeba_folder_of_jpegs(tmp_path, size):
+    images = _write_celeba(tmp_path)
+    train = load_dataset("celeba", "train", root=tmp_path, image_size=size)
+    test = load_dataset("celeba", "test", root=tmp_path, image_size=size)
+    assert (len(train), len(test)) == (3, 2)
+    image, _ = train[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, size, size)
+    # centre crop 178x178 of the 218x178 image, then resize: a constant image stays constant
+    Image.new("RGB", (178, 218), (10, 200, 30)).save(images / "000001.jpg", quality=100)
+    flat = load_dataset("celeba", "train", root=tmp_path, image_size=size)[0][0]
+    assert (flat.float().mean(dim=(1, 2)) - torch.tensor([10.0, 200.0, 30.0])).abs().max() < 3
+
+
+def test_celeba_missing_and_corrupted(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="img_align_celeba"):
+        load_dataset("celeba", root=tmp_path)
+    images = _write_celeba(tmp_path)
+    (images / "000002.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    ds = load_dataset("celeba", "train", root=tmp_path, image_size=32)
+    with pytest.raises(DataError, match="000002.jpg"):
+        ds[1]
+
+
+def test_image_folder(tmp_path):
+    for i in range(3):
+        pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / "sub" / f"{i}.png")
+    ds = load_dataset(tmp_path)
+    assert len(ds) == 3 and ds[0][0].shape == (3, 12, 12)
+    gray = load_dataset("folder", root=tmp_path, channels=1, image_size=8)
+    assert stack_images(gray).shape == (3, 1, 8, 8)
+    Image.fromarray(np.zeros((20, 16, 3), dtype=np.uint8)).save(tmp_path / "odd.png")
+    with pytest.raises(DataError, match="different sizes"):
+        load_dataset(tmp_path)
+    assert len(load_dataset("folder", root=tmp_path, image_size=4)) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="no images"):
+        load_dataset("folder", root=tmp_path / "empty")
+
+
+def test_npz_layouts_and_bad_files(tmp_path):
+    hwc = rng.integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "hwc.npz", x_train=hwc, y_train=np.arange(4))
+    np.savez(tmp_path / "chw.npz", x_train=hwc.transpose(0, 3, 1, 2))
+    a = stack_images(load_dataset(tmp_path / "hwc.npz"))
+    b = stack_images(load_dataset(tmp_path / "chw.npz"))
+    assert torch.equal(a, b) and a.shape == (4, 3, 6, 6)
+    assert load_dataset(tmp_path / "hwc.npz")[3][1] == 3
+    np.savez(tmp_path / "gray.npz", x_test=hwc[..., 0])
+    assert load_dataset(tmp_path / "gray.npz", "test").image_shape == (1, 6, 6)
+
+    np.savez(tmp_path / "float.npz", x_train=hwc / 255.0)
+    with pytest.raises(DataError, match="uint8"):
+        load_dataset(tmp_path / "float.npz")
+    np.savez(tmp_path / "flat.npz", x_train=hwc.reshape(4, -1))
+    with pytest.raises(DataError, match=r"\(N, H, W, C\)"):
+        load_dataset(tmp_path / "flat.npz")
+    with pytest.raises(DataError, match="has no array 'x_test'; it has x_train"):
+        load_dataset(tmp_path / "chw.npz", "test")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(tmp_path / "junk.npz")
+    with pytest.raises(DatasetNotFoundError, match="missing.npz"):
+        load_dataset(tmp_path / "missing.npz")
+
+
+def test_bad_names_and_options():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+    with pytest.raises(ValueError, match="unknown split 'valid'"):
+        load_dataset("digits", "valid")
+    with pytest.raises(ValueError, match="fixed image size"):
+        load_dataset("digits", image_size=16)
+    with pytest.raises(DataError, match="uint8"):
+        ImageTensorDataset(torch.zeros(2, 1, 4, 4))
