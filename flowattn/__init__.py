@@ -5,9 +5,21 @@ References:
     | https://arxiv.org/abs/2106.09003
 """
 
-from . import lipschitz, logdet, solvers
+from . import data, lipschitz, logdet, metrics, solvers
+from .models import DensityModel, ModelConfig, build_model
 from .transforms import ResidualTransform, invertible_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["ResidualTransform", "invertible_attention", "lipschitz", "logdet", "solvers"]
+__all__ = [
+    "DensityModel",
+    "ModelConfig",
+    "ResidualTransform",
+    "build_model",
+    "data",
+    "invertible_attention",
+    "lipschitz",
+    "logdet",
+    "metrics",
+    "solvers",
+]
