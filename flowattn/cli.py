@@ -177,7 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in fields}
     model = _model_overrides(args.model)
     if args.resume and not args.config:
-        run_dir = overrides.get("run_dir", RunConfig.run_dir)
+        run_dir = overrides.get("run_dir")
+        if run_dir is None:
+            raise UsageError("--resume needs the --run-dir of the run to continue")
         saved = os.path.join(run_dir, "config.toml")
         if not os.path.isfile(saved):
             raise UsageError(f"--resume: no run at {run_dir} (no config.toml)")

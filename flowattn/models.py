@@ -48,12 +48,12 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 from nflows.distributions import Distribution, StandardNormal
 from nflows.flows import Flow

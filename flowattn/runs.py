@@ -16,11 +16,12 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -56,7 +57,7 @@ class RunConfig:
         temperature: Sampling temperature of the grid.
         seed: Seed of weights, batch order, probes and noise.
         device: ``cpu``, ``cuda``, ``cuda:1``... or ``auto``.
-        run_dir: Where the run writes.
+        run_dir: Where the run writes (default ``runs/<preset>-<dataset>-<date-time>``).
     """
 
     preset: str = "iresnet-attn"
@@ -80,7 +81,7 @@ class RunConfig:
     temperature: float = 0.7
     seed: int = 0
     device: str = "auto"
-    run_dir: str = "runs/default"
+    run_dir: str | None = None
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -237,6 +238,13 @@ def run_training(
     config.check()
     rank = _rank()
     device = resolve_device(config.device)
+    if config.run_dir is None:
+        if resume:
+            raise ValueError("--resume needs the --run-dir of the run to continue")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        config = dataclasses.replace(
+            config, run_dir=f"runs/{config.preset}-{Path(config.dataset).stem}-{stamp}"
+        )
     run_dir = Path(config.run_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
