@@ -285,6 +285,8 @@ def run_training(
     if resume:
         state = load_checkpoint(checkpoint_path, map_location=device)
         trainer.load_state_dict(state["trainer"])
+        if trainer.world_size > 1:  # the checkpoint holds rank 0's random state
+            torch.manual_seed(config.seed + 1000 * rank + trainer.step)
         if rank == 0:
             log(f"resumed {checkpoint_path} at step {trainer.step}")
 
@@ -331,9 +333,15 @@ def run_training(
             writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], step)
             writer.add_scalar("train/skipped_steps", trainer.result.skipped, step)
             writer.add_scalar("train/images_per_s", trainer.result.images_per_second, step)
-            for name, bound in model.lipschitz_bounds().items():
+            for name, residual in model.residual_steps():
+                short = name.split(" ")[0]
+                bound = residual.lipschitz_bound()
                 if bound is not None:
-                    writer.add_scalar(f"lipschitz/{name.split(' ')[0]}", bound, step)
+                    writer.add_scalar(f"lipschitz/{short}", bound, step)
+                if residual.last_logabsdet is not None:
+                    logdet = residual.last_logabsdet.float()
+                    writer.add_scalar(f"logdet_mean/{short}", logdet.mean(), step)
+                    writer.add_scalar(f"logdet_std/{short}", logdet.std(), step)
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
             result = evaluate(step)
             writer.add_scalar("test/bpd", result.mean, step)

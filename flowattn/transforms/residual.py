@@ -38,7 +38,8 @@ class ResidualTransform(Transform):
     point :math:`x = y - g(x)` (Banach or Anderson) to ``atol + rtol |y|`` per element,
     records how it converged in :attr:`last_inverse`, and warns
     (:class:`ConvergenceWarning`, with the residual reached) or, with ``strict=True``,
-    raises :class:`ConvergenceError` when it does not converge. Its log-det is minus
+    raises :class:`ConvergenceError` when it does not converge. The last forward's
+    log-dets (B,) are kept in :attr:`last_logabsdet` (detached). Its log-det is minus
     the estimator's log-det at the solution. The inverse is not differentiable.
 
     Arguments:
@@ -84,6 +85,7 @@ class ResidualTransform(Transform):
         self.max_iter = max_iter
         self.strict = strict
         self.last_inverse: FixedPointResult | None = None
+        self.last_logabsdet: Tensor | None = None
 
     def lipschitz_bound(self, *args, **kwargs) -> float | None:
         """The branch's certified Lipschitz bound, or None if it has none."""
@@ -92,6 +94,7 @@ class ResidualTransform(Transform):
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         gx, logabsdet = self.estimator(self.branch, inputs)
+        self.last_logabsdet = logabsdet.detach()
         return inputs + gx, logabsdet
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -120,4 +123,5 @@ class ResidualTransform(Transform):
         state = super().__getstate__()
         state = dict(state)
         state["last_inverse"] = None
+        state["last_logabsdet"] = None
         return state
