@@ -131,6 +131,13 @@ def _model_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _plain(text: str) -> str:
+    """Docstring markup (``code``, :func:`name`) as plain text for --help."""
+    import re
+
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     import dataclasses
 
@@ -155,7 +162,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             dest=f.name,
             type=kind,
             default=argparse.SUPPRESS,
-            help=f"{helps.get(f.name, '')} (default: {default})",
+            help=f"{_plain(helps.get(f.name, ''))} (default: {default})",
         )
     p.add_argument(
         "--model",
