@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = ["FixedPointResult", "SOLVERS", "default_tolerance", "solve_fixed_point"]
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +59,35 @@ def default_tolerance(dtype: torch.dtype) -> float:
     return 2.0 * torch.finfo(dtype).eps
 
 
+STALL_PATIENCE = 30
+
+
+def _noise_floor(y: Tensor) -> float:
+    """Rounding-level residual: 64 machine epsilons relative to the largest |y|.
+
+    Evaluating g in floating point has rounding error of a few units in the last
+    place of its largest terms, so a residual below this floor that no longer shrinks
+    is as converged as the dtype allows.
+    """
+    return 64.0 * torch.finfo(y.dtype).eps * (1.0 + float(y.abs().max()))
+
+
+class _Stall:
+    """Detects a residual that has stopped shrinking at rounding level."""
+
+    def __init__(self, y: Tensor):
+        self.floor = _noise_floor(y)
+        self.best = math.inf
+        self.since = 0
+
+    def stalled(self, residual: float) -> bool:
+        if residual < self.best * (1 - 1e-3):
+            self.best, self.since = residual, 0
+        else:
+            self.since += 1
+        return self.since >= STALL_PATIENCE and self.best <= self.floor
+
+
 def _check(fx: Tensor, x: Tensor, y: Tensor, atol: float, rtol: float) -> tuple[bool, float, float]:
     gap = (fx - x).abs()
     allowed = atol + rtol * y.abs()
@@ -88,7 +118,11 @@ def solve_fixed_point(
         y: The output of the residual step (B, ...).
         x0: Starting point; defaults to ``y``.
         solver: ``"banach"`` or ``"anderson"``.
-        atol, rtol: Tolerances; default :func:`default_tolerance` of the dtype.
+        atol, rtol: Tolerances; default :func:`default_tolerance` of the dtype. When the
+            residual stops shrinking for 30 iterations while below the rounding floor
+            :math:`64 \epsilon (1 + \max |y|)` (evaluating g in floating point cannot do
+            better), the solve stops there and counts as converged, reporting that
+            floor as its ``tolerance``.
         max_iter: Largest number of evaluations of ``fn``.
         memory: Anderson history size m.
         damping: Anderson mixing :math:`\beta` (1 is undamped).
@@ -121,6 +155,7 @@ def solve_fixed_point(
 
 def _banach(step, x, y, atol, rtol, max_iter) -> FixedPointResult:
     best = None
+    stall = _Stall(y)
     for it in range(1, max_iter + 1):
         fx = step(x)
         converged, residual, tol = _check(fx, x, y, atol, rtol)
@@ -128,6 +163,8 @@ def _banach(step, x, y, atol, rtol, max_iter) -> FixedPointResult:
             best = (x, residual, tol)
         if converged:
             return _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter)
+        if stall.stalled(residual):
+            return FixedPointResult(best[0], it, best[1], stall.floor, True)
         x = fx
     x, residual, tol = best
     return FixedPointResult(x, max_iter, residual, tol, False)
@@ -157,6 +194,7 @@ def _anderson(step, x, y, atol, rtol, max_iter, m, beta, lam) -> FixedPointResul
     xs = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)
     fs = torch.zeros_like(xs)
     best = None
+    stall = _Stall(y)
     for it in range(1, max_iter + 1):
         fx = step(x)
         converged, residual, tol = _check(fx, x, y, atol, rtol)
@@ -164,6 +202,8 @@ def _anderson(step, x, y, atol, rtol, max_iter, m, beta, lam) -> FixedPointResul
             best = (x, residual, tol)
         if converged:
             return _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter)
+        if stall.stalled(residual):
+            return FixedPointResult(best[0], it, best[1], stall.floor, True)
         slot = (it - 1) % m
         xs[:, slot] = x.reshape(b, -1)
         fs[:, slot] = fx.reshape(b, -1)
