@@ -33,7 +33,6 @@ def run_one(spec: str, args: argparse.Namespace, x_train, x_test, out: Path) -> 
     options = {"attention": attention} if attention else {}
     torch.manual_seed(args.seed)
     model = build_model(preset, image_shape=tuple(x_train.shape[1:]), size=args.size, **options)
-    generator = torch.Generator().manual_seed(args.seed)
     print(f"\n== {spec}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     result = train(
         model,
@@ -42,7 +41,7 @@ def run_one(spec: str, args: argparse.Namespace, x_train, x_test, out: Path) -> 
         lr=args.lr,
         warmup=args.warmup,
         time_budget=args.budget * 60,
-        generator=generator,
+        seed=args.seed,
         progress=not args.no_progress,
     )
     row = {
