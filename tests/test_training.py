@@ -59,6 +59,6 @@ def test_non_finite_steps_are_skipped_and_counted(monkeypatch):
 def test_bad_arguments():
     model = build_model("glow", image_shape=(1, 8, 8), blocks=1, hidden=4)
     with pytest.raises(ValueError, match="max_steps or time_budget"):
-        train(model, torch.zeros(4, 1, 8, 8, dtype=torch.uint8))
+        train(model, torch.zeros(4, 1, 8, 8, dtype=torch.uint8), batch_size=2)
     with pytest.raises(ValueError, match="uint8"):
         train(model, torch.zeros(4, 1, 8, 8), max_steps=1)
