@@ -98,11 +98,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def _save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    from torchvision.utils import save_image
+    from .plots import save_grid
 
     n = min(len(r) for r in rows)
     grid = torch.cat([r[:n] for r in rows]).float()
-    save_image(grid, path, nrow=n, padding=1, pad_value=0.5)
+    save_grid(grid, path, nrow=n)
 
 
 class UsageError(Exception):
@@ -269,14 +269,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import math
 
-    from torchvision.utils import save_image
+    from .plots import save_grid
 
     model, _ = _load(args)
     torch.manual_seed(args.seed)
     samples = model.sample(args.n, temperature=args.temperature, batch_size=args.batch_size)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(samples, out, nrow=max(1, int(math.sqrt(args.n))), padding=1, pad_value=0.5)
+    save_grid(samples, out, nrow=max(1, int(math.sqrt(args.n))))
     print(f"wrote {args.n} samples at temperature {args.temperature} to {out}")
     return 0
 
@@ -319,9 +319,8 @@ def _fit_channels(x: torch.Tensor, model) -> torch.Tensor:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import math
 
-    from torchvision.utils import save_image
-
     from .metrics import reconstruction_error
+    from .plots import save_grid
 
     model, state = _load(args)
     x = _fit_channels(_images_from(args.images, state, args.split, args.limit), model)
@@ -333,7 +332,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     rows = []
     for start in range(0, len(x), nrow):
         rows += [x[start : start + nrow], x_hat[start : start + nrow]]
-    save_image(torch.cat(rows).float() / 255, out, nrow=nrow, padding=1, pad_value=0.5)
+    save_grid(torch.cat(rows).float() / 255, out, nrow=nrow)
     print(f"{len(x)} images: {error}")
     print(f"wrote {out} (rows alternate inputs and reconstructions)")
     return 0

@@ -9,7 +9,7 @@ first memory slots instead.
 
 from __future__ import annotations
 
-__all__ = ["attention_figure", "attention_modules"]
+__all__ = ["attention_figure", "attention_modules", "save_grid"]
 
 from pathlib import Path
 
@@ -19,6 +19,20 @@ from torch import Tensor, nn
 from .attention import SelfAttention2d
 from .models import DensityModel
 from .transforms.attention import AttentionBranch, ExternalAttention, PaperAttention
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int = 8, min_side: int = 32) -> Path:
+    """Writes images (N, C, H, W) in [0, 1] as a PNG grid, enlarging small images
+    (nearest neighbour, integer factor) to at least ``min_side`` pixels."""
+    from torchvision.utils import save_image
+
+    factor = max(1, -(-min_side // images.shape[-1]))
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images.float(), scale_factor=factor)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.float(), path, nrow=nrow, padding=2, pad_value=0.5)
+    return path
 
 
 def attention_modules(model: DensityModel) -> list[tuple[str, nn.Module]]:

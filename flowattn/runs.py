@@ -207,18 +207,18 @@ def load_run_model(
 
 
 def _write_images(model: DensityModel, config: RunConfig, x_test, run_dir: Path, writer, step):
-    from torchvision.utils import save_image
+    from .plots import save_grid
 
     torch.manual_seed(config.seed + 7)
     samples = model.sample(config.samples, temperature=config.temperature)
     samples_path = run_dir / "samples.png"
     nrow = max(1, int(math.sqrt(config.samples)))
-    save_image(samples, samples_path, nrow=nrow, padding=1, pad_value=0.5)
+    save_grid(samples, samples_path, nrow=nrow)
     originals = x_test[:nrow]
     recon = model.reconstruct(originals)
     grid = torch.cat([originals, recon.to(originals.device)]).float() / 255
     recon_path = run_dir / "reconstructions.png"
-    save_image(grid, recon_path, nrow=nrow, padding=1, pad_value=0.5)
+    save_grid(grid, recon_path, nrow=nrow)
     if writer is not None:
         from torchvision.utils import make_grid
 

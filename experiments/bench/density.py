@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
+from flowattn.plots import save_grid
 from flowattn.training import train
 
 DEFAULT_MODELS = "iresnet,iresnet-attn:external,iresnet-attn:gaussian,glow,glow-attn"
@@ -65,7 +65,7 @@ def run_one(spec: str, args: argparse.Namespace, x_train, x_test, out: Path) -> 
     start = time.perf_counter()
     samples = model.sample(args.sample_n, temperature=args.temperature)
     row["sample_img_s"] = args.sample_n / (time.perf_counter() - start)
-    save_image(samples, out / f"samples_{spec.replace(':', '_')}.png", nrow=8)
+    save_grid(samples, out / f"samples_{spec.replace(':', '_')}.png", nrow=8)
     row["curve"] = result.losses
     print(
         f"{spec}: test {row['unbiased_bpd']:.4f} ± {row['unbiased_se']:.4f} bpd "
