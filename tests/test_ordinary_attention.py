@@ -32,3 +32,57 @@ def test_sagan_matches_naive_loop():
         out[:, i] = sum(w[j] * v[:, j] for j in range(t.shape[1]))
     expected = x + 0.7 * out.reshape(1, 4, 2, 3)
     assert torch.allclose(attn(x), expected, atol=1e-12)
+
+
+import pytest  # noqa: E402
+
+from flowattn.attention import (  # noqa: E402
+    CBAM,
+    ExternalAttention2d,
+    MultiHeadSelfAttention2d,
+    NonLocal2d,
+)
+
+BASELINES = [
+    *[(NonLocal2d, {"kind": k}) for k in NonLocal2d.KINDS],
+    (ExternalAttention2d, {"heads": 1}),
+    (ExternalAttention2d, {"heads": 4}),
+    (MultiHeadSelfAttention2d, {"heads": 2}),
+    (CBAM, {}),
+]
+
+
+@pytest.mark.parametrize("cls, options", BASELINES)
+def test_baselines_shapes_and_gradients(cls, options):
+    module = cls(8, **options)
+    for p in module.parameters():  # leave the zero (identity) initialisation
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 8, 5, 3, requires_grad=True)
+    out = module(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in module.parameters())
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        module(torch.randn(8, 5, 3))
+
+
+def test_separable_concat_equals_naive_concatenation():
+    block = NonLocal2d(4, kind="concat", reduction=2).double()
+    x = torch.randn(2, 4, 3, 2, dtype=torch.float64)
+    theta = block.theta(x).flatten(2).transpose(1, 2)  # (B, N, C')
+    phi = block.phi(x).flatten(2).transpose(1, 2)
+    n = theta.shape[1]
+    pairs = torch.cat(
+        [theta[:, :, None].expand(-1, -1, n, -1), phi[:, None].expand(-1, n, -1, -1)], dim=-1
+    )  # (B, N, N, 2C')
+    w = torch.cat([block.w_theta, block.w_phi])
+    naive = torch.relu(pairs @ w) / n
+    assert torch.allclose(block.attention_map(x), naive, atol=1e-12)
+
+
+def test_external_attention_double_normalisation():
+    module = ExternalAttention2d(8, slots=6, heads=2)
+    a = module.attention_map(torch.randn(3, 8, 4, 4))
+    assert a.shape == (6, 16, 6)
+    assert torch.allclose(a.sum(dim=2), torch.ones(6, 16), atol=1e-6)
