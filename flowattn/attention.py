@@ -13,6 +13,8 @@ from __future__ import annotations
 
 __all__ = [
     "CBAM",
+    "CrissCrossAttention2d",
+    "DisentangledNonLocal2d",
     "ExternalAttention2d",
     "MultiHeadSelfAttention2d",
     "NonLocal2d",
@@ -232,3 +234,92 @@ class CBAM(nn.Module):
         x = x * torch.sigmoid(avg + mx)
         pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(pooled))
+
+
+class DisentangledNonLocal2d(nn.Module):
+    r"""Disentangled non-local block (DNL; Yin et al., 2020).
+
+    The attention is the sum of a *whitened pairwise* term
+    :math:`\mathrm{softmax}_j((q_i - \bar q)^\top (k_j - \bar k))` and a *unary* term
+    :math:`\mathrm{softmax}_j(w^\top k_j)` shared by every query; the output map starts at
+    zero (identity block).
+
+    References:
+        | Disentangled Non-Local Neural Networks (Yin et al., 2020)
+        | https://arxiv.org/abs/2006.06668
+
+    Example:
+        >>> DisentangledNonLocal2d(8)(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+
+    def __init__(self, channels: int, reduction: int = 2):
+        super().__init__()
+        inner = max(1, channels // reduction)
+        self.query = nn.Conv2d(channels, inner, 1, bias=False)
+        self.key = nn.Conv2d(channels, inner, 1, bias=False)
+        self.value = nn.Conv2d(channels, inner, 1, bias=False)
+        self.unary = nn.Conv2d(channels, 1, 1)
+        self.out = nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Weights (B, N, N): pairwise plus unary; each row sums to 2."""
+        q, k = self.query(x).flatten(2), self.key(x).flatten(2)  # (B, C', N)
+        q = q - q.mean(dim=2, keepdim=True)
+        k = k - k.mean(dim=2, keepdim=True)
+        pairwise = torch.softmax(q.transpose(1, 2) @ k, dim=-1)
+        unary = torch.softmax(self.unary(x).flatten(2), dim=-1)  # (B, 1, N)
+        return pairwise + unary
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        v = self.value(x).flatten(2)
+        y = v @ self.attention_map(x).transpose(1, 2)
+        return x + self.out(y.reshape(x.shape[0], -1, *x.shape[2:]))
+
+
+class CrissCrossAttention2d(nn.Module):
+    r"""Criss-cross attention (CCNet; Huang et al., 2019), in plain PyTorch (runs on CPU).
+
+    Each pixel attends to the H + W - 1 pixels of its row and column: one softmax over
+    the column energies (its own pixel masked, as in CCNet, so it is counted once) and
+    the row energies together. :math:`\gamma` starts at zero (identity block).
+
+    References:
+        | CCNet: Criss-Cross Attention for Semantic Segmentation (Huang et al., 2019)
+        | https://arxiv.org/abs/1811.11721
+
+    Example:
+        >>> CrissCrossAttention2d(8)(torch.randn(2, 8, 5, 3)).shape
+        torch.Size([2, 8, 5, 3])
+    """
+
+    def __init__(self, channels: int, reduction: int = 8):
+        super().__init__()
+        inner = max(1, channels // reduction)
+        self.query = nn.Conv2d(channels, inner, 1)
+        self.key = nn.Conv2d(channels, inner, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Column weights (B, H, W, H) and row weights (B, H, W, W) of each pixel."""
+        q, k = self.query(x), self.key(x)  # (B, C', H, W)
+        h = x.shape[-2]
+        col = torch.einsum("bcij,bckj->bijk", q, k)  # pixel (i, j) with (k, j)
+        eye = torch.eye(h, dtype=torch.bool, device=x.device)[None, :, None, :]
+        col = col.masked_fill(eye, float("-inf"))
+        row = torch.einsum("bcij,bcik->bijk", q, k)  # pixel (i, j) with (i, k)
+        a = torch.softmax(torch.cat([col, row], dim=-1), dim=-1)
+        return a[..., :h], a[..., h:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        col, row = self.weights(x)
+        v = self.value(x)
+        out = torch.einsum("bijk,bckj->bcij", col, v) + torch.einsum("bijk,bcik->bcij", row, v)
+        return x + self.gamma * out

@@ -38,6 +38,8 @@ import pytest  # noqa: E402
 
 from flowattn.attention import (  # noqa: E402
     CBAM,
+    CrissCrossAttention2d,
+    DisentangledNonLocal2d,
     ExternalAttention2d,
     MultiHeadSelfAttention2d,
     NonLocal2d,
@@ -49,6 +51,8 @@ BASELINES = [
     (ExternalAttention2d, {"heads": 4}),
     (MultiHeadSelfAttention2d, {"heads": 2}),
     (CBAM, {}),
+    (DisentangledNonLocal2d, {}),
+    (CrissCrossAttention2d, {"reduction": 2}),
 ]
 
 
@@ -86,3 +90,22 @@ def test_external_attention_double_normalisation():
     a = module.attention_map(torch.randn(3, 8, 4, 4))
     assert a.shape == (6, 16, 6)
     assert torch.allclose(a.sum(dim=2), torch.ones(6, 16), atol=1e-6)
+
+
+def test_criss_cross_matches_a_per_pixel_loop():
+    module = CrissCrossAttention2d(4, reduction=2).double()
+    with torch.no_grad():
+        module.gamma.fill_(0.8)
+    x = torch.randn(1, 4, 3, 2, dtype=torch.float64)
+    q, k, v = module.query(x)[0], module.key(x)[0], module.value(x)[0]
+    _, h, w = q.shape
+    expected = x.clone()
+    for i in range(h):
+        for j in range(w):
+            keys = [(r, j) for r in range(h) if r != i] + [(i, c) for c in range(w)]
+            e = torch.stack([q[:, i, j] @ k[:, r, c] for r, c in keys])
+            a = torch.softmax(e, 0)
+            expected[0, :, i, j] += 0.8 * sum(a[n] * v[:, r, c] for n, (r, c) in enumerate(keys))
+    assert torch.allclose(module(x), expected, atol=1e-12)
+    col, row = module.weights(x)
+    assert torch.allclose(col.sum(-1) + row.sum(-1), torch.ones(1, h, w, dtype=torch.float64))
