@@ -133,10 +133,14 @@ class ConvResidualBranch(nn.Module):
                 norms.append(conv_spectral_upper_bound(conv.weight, spatial))
         return norms
 
-    def _scales(self, spatial: tuple[int, int]) -> list[Tensor]:
+    def _scales(self, norms: list[Tensor]) -> list[Tensor]:
         # A relative margin of 1e-5 absorbs float32 rounding in the norms and products.
         target = self.coeff ** (1 / 3) * (1 - 1e-5)
-        return [torch.clamp(target / n.clamp_min(1e-12), max=1.0) for n in self._norms(spatial)]
+        return [torch.clamp(target / n.clamp_min(1e-12), max=1.0) for n in norms]
+
+    def _rescaled(self, spatial: tuple[int, int]) -> list[Tensor]:
+        scales = self._scales(self._norms(spatial))
+        return [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -155,13 +159,10 @@ class ConvResidualBranch(nn.Module):
         # reused until a weight changes in place (an optimiser step bumps _version).
         if torch.is_grad_enabled():
             self._cache = None
-            scales = self._scales(spatial)
-            return [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
+            return self._rescaled(spatial)
         key = (spatial, *((c.weight._version, c.weight.data_ptr()) for c in self.convs))
         if self._cache is None or self._cache[0] != key:
-            scales = self._scales(spatial)
-            weights = [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
-            self._cache = (key, weights)
+            self._cache = (key, self._rescaled(spatial))
         return self._cache[1]
 
     def __getstate__(self) -> dict:
@@ -176,8 +177,9 @@ class ConvResidualBranch(nn.Module):
         spatial = self.last_spatial if spatial is None else tuple(spatial)
         if spatial is None:
             raise ValueError("pass the input size (H, W): the branch has not seen an input yet")
+        norms = self._norms(spatial)
         bound = 1.0
-        for n, s in zip(self._norms(spatial), self._scales(spatial), strict=True):
+        for n, s in zip(norms, self._scales(norms), strict=True):
             bound *= float(n * s)
         return bound
 
