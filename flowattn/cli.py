@@ -20,46 +20,21 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from nflows.transforms import SqueezeTransform
 
 from .transforms import KINDS, ConvergenceWarning, invertible_attention
 
 
-def _digits(n: int) -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    images = load_digits().images[:n]  # (n, 8, 8), values 0..16
-    return np.round(images * (255 / 16)).astype(np.uint8)[:, None]
-
-
-def _npz_images(path: Path, key: str, n: int) -> np.ndarray:
-    if not path.is_file():
-        raise SystemExit(f"flowattn: no such file: {path}")
-    try:
-        with np.load(path) as data:
-            if key not in data:
-                raise SystemExit(
-                    f"flowattn: {path} has no array {key!r}; it has {', '.join(data.files)}"
-                )
-            images = data[key][:n]
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"flowattn: cannot read {path} as .npz: {error}") from None
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise SystemExit(
-            f"flowattn: {path}[{key!r}] must be uint8 images (N, H, W, C) or (N, C, H, W), "
-            f"got {images.dtype} {images.shape}"
-        )
-    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
-        images = images.transpose(0, 3, 1, 2)  # HWC -> CHW
-    return np.ascontiguousarray(images)
-
-
 def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    images = _npz_images(Path(args.npz), args.key, args.n) if args.npz else _digits(args.n)
-    x = torch.from_numpy(images).double() / 255.0
+    from .data import load_dataset, stack_images
+
+    if args.npz:
+        images = stack_images(load_dataset(args.npz, "test", key=args.key), args.n)
+    else:
+        images = stack_images(load_dataset("digits", "train"), args.n)
+    x = images.double() / 255.0
     if x.shape[-1] % 2 or x.shape[-2] % 2:
         raise SystemExit(f"flowattn: image sides must be even to squeeze, got {tuple(x.shape)}")
     squeeze = SqueezeTransform(2)
@@ -80,7 +55,7 @@ def demo(args: argparse.Namespace) -> int:
             z_back, _ = step.inverse(y)
         x_back, _ = squeeze.inverse(z_back)
         levels = (x_back.clamp(0, 1) * 255).round().to(torch.uint8)
-        error = (levels.int() - torch.from_numpy(images).int()).abs()
+        error = (levels.int() - images.int()).abs()
         bound = step.lipschitz_bound()
         bound_text = f"{bound:.3f}" if bound is not None else "none"
         local = float(step.branch.estimate_lipschitz(z).max())
@@ -237,13 +212,9 @@ def _load(args: argparse.Namespace):
 
 
 def _run_images(state: dict, split: str, limit: int | None) -> torch.Tensor:
-    from .data import load_dataset, stack_images
+    from .runs import RunConfig
 
-    run = state.get("run_config", {})
-    options = {"root": run.get("data_root")}
-    if run.get("image_size") is not None:
-        options["image_size"] = run["image_size"]
-    return stack_images(load_dataset(run.get("dataset", "digits"), split, **options), limit)
+    return RunConfig(**state.get("run_config", {})).images(split, limit)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

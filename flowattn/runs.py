@@ -124,6 +124,13 @@ class RunConfig:
         shape = (3, 32, 32) if "image_shape" not in self.model else self.model["image_shape"]
         ModelConfig.from_dict({"preset": self.preset, "image_shape": shape, **self.model})
 
+    def images(self, split: str, limit: int | None = None) -> torch.Tensor:
+        """The run's dataset split as uint8 images (N, C, H, W)."""
+        options: dict[str, Any] = {"root": self.data_root}
+        if self.image_size is not None:
+            options["image_size"] = self.image_size
+        return stack_images(load_dataset(self.dataset, split, **options), limit)
+
     def to_toml(self) -> str:
         """The config as TOML (None values are left out)."""
         lines, model = [], {}
@@ -255,11 +262,7 @@ def run_training(
             "another --run-dir"
         )
 
-    options = {"root": config.data_root}
-    if config.image_size is not None:
-        options["image_size"] = config.image_size
-    x_train = stack_images(load_dataset(config.dataset, "train", **options))
-    x_test = stack_images(load_dataset(config.dataset, "test", **options))
+    x_train, x_test = config.images("train"), config.images("test")
     model_options = {k: v for k, v in config.model.items() if k != "image_shape"}
     torch.manual_seed(config.seed)
     model = build_model(config.preset, image_shape=tuple(x_train.shape[1:]), **model_options)
