@@ -25,6 +25,17 @@ import torch
 from torch import Tensor, nn
 
 
+def _check_images(x: Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _mix(values: Tensor, attention: Tensor) -> Tensor:
+    """Values (B, C, H, W) mixed by attention (B, N, N), row i = output pixel i."""
+    mixed = values.flatten(2) @ attention.transpose(1, 2)  # (B, C, N)
+    return mixed.reshape(values.shape)
+
+
 class SelfAttention2d(nn.Module):
     r"""SAGAN self-attention :math:`x + \gamma\, W_o V \mathrm{softmax}(Q^\top K)`.
 
@@ -62,11 +73,8 @@ class SelfAttention2d(nn.Module):
         return torch.softmax(q.transpose(1, 2) @ k, dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        v = self.value(x).flatten(2)  # (B, C, N)
-        out = v @ self.attention_map(x).transpose(1, 2)  # (B, C, N)
-        return x + self.gamma * out.reshape(x.shape)
+        _check_images(x)
+        return x + self.gamma * _mix(self.value(x), self.attention_map(x))
 
 
 class NonLocal2d(nn.Module):
@@ -125,11 +133,8 @@ class NonLocal2d(nn.Module):
         return torch.relu(a[:, :, None] + b[:, None, :]) / n
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        v = self.g(x).flatten(2)  # (B, C', N)
-        y = v @ self.attention_map(x).transpose(1, 2)
-        return x + self.out(y.reshape(x.shape[0], -1, *x.shape[2:]))
+        _check_images(x)
+        return x + self.out(_mix(self.g(x), self.attention_map(x)))
 
 
 class ExternalAttention2d(nn.Module):
@@ -168,8 +173,7 @@ class ExternalAttention2d(nn.Module):
         return a / a.sum(dim=2, keepdim=True).clamp_min(1e-9)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        _check_images(x)
         b, c, h, w = x.shape
         y = self.values(self.attention_map(x))  # (B * heads, N, C / heads)
         y = y.transpose(1, 2).reshape(b, c, h, w)
@@ -199,8 +203,7 @@ class MultiHeadSelfAttention2d(nn.Module):
         return self.attn(t, t, t, need_weights=True)[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        _check_images(x)
         t = x.flatten(2).transpose(1, 2)
         y = self.attn(t, t, t, need_weights=False)[0]
         return x + self.gamma * y.transpose(1, 2).reshape(x.shape)
@@ -227,8 +230,7 @@ class CBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        _check_images(x)
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
         x = x * torch.sigmoid(avg + mx)
@@ -274,11 +276,8 @@ class DisentangledNonLocal2d(nn.Module):
         return pairwise + unary
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-        v = self.value(x).flatten(2)
-        y = v @ self.attention_map(x).transpose(1, 2)
-        return x + self.out(y.reshape(x.shape[0], -1, *x.shape[2:]))
+        _check_images(x)
+        return x + self.out(_mix(self.value(x), self.attention_map(x)))
 
 
 class CrissCrossAttention2d(nn.Module):
@@ -317,8 +316,7 @@ class CrissCrossAttention2d(nn.Module):
         return a[..., :h], a[..., h:]
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+        _check_images(x)
         col, row = self.weights(x)
         v = self.value(x)
         out = torch.einsum("bijk,bckj->bcij", col, v) + torch.einsum("bijk,bcik->bcij", row, v)

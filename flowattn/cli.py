@@ -310,9 +310,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
-    from .runs import load_run_model
-
-    model, state = load_run_model(args.run, device=args.device, ema=not args.no_ema)
+    model, state = _load(args)
     x = _run_images(state, "test", args.n).to(model.device)
     steps = list(model.residual_steps())
     if not steps:

@@ -200,9 +200,9 @@ class ModelConfig:
         return not self.preset.startswith("glow")
 
     def _check(self) -> None:
-        c, h, w = self.image_shape
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        _, h, w = self.image_shape
         for name in ("scales", "blocks", "hidden", "n_terms", "n_probes", "max_iter"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
