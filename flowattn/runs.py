@@ -323,10 +323,6 @@ def run_training(
             checkpoint_path,
         )
 
-    def evaluate(step: int) -> BitsPerDim:
-        with trainer.evaluation_weights():
-            return model.bits_per_dim(eval_x, batch_size=256)
-
     def on_step(step: int, loss: float) -> None:
         if rank != 0:
             return
@@ -346,7 +342,8 @@ def run_training(
                     writer.add_scalar(f"logdet_mean/{short}", logdet.mean(), step)
                     writer.add_scalar(f"logdet_std/{short}", logdet.std(), step)
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            result = evaluate(step)
+            with trainer.evaluation_weights():
+                result = model.bits_per_dim(eval_x, batch_size=256)
             writer.add_scalar("test/bpd", result.mean, step)
             writer.add_scalar("test/bpd_stderr", result.stderr, step)
         if step % config.checkpoint_every == 0:
