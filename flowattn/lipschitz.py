@@ -44,6 +44,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _as_matrix(weight: Tensor) -> Tensor:
@@ -287,10 +288,13 @@ def jacobian_spectral_norm(
 
     u = u / norms(u).reshape(shape)
     sigma = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    _, vjp_fn = torch.func.vjp(fn, x)
-    for _ in range(n_iter):
-        _, jvp = torch.func.jvp(fn, (x,), (u,))
-        sigma = norms(jvp)
-        (u,) = vjp_fn(jvp)
-        u = u / norms(u).clamp_min(1e-30).reshape(shape)
+    # The fused CPU/CUDA attention kernels have no forward-mode derivative; the math
+    # kernel computes the same function from differentiable primitives.
+    with sdpa_kernel(SDPBackend.MATH):
+        _, vjp_fn = torch.func.vjp(fn, x)
+        for _ in range(n_iter):
+            _, jvp = torch.func.jvp(fn, (x,), (u,))
+            sigma = norms(jvp)
+            (u,) = vjp_fn(jvp)
+            u = u / norms(u).clamp_min(1e-30).reshape(shape)
     return sigma.detach()

@@ -1,0 +1,91 @@
+"""What the experiment scripts share: configs from TOML files and flags, and image loading.
+
+An experiment's settings are a dataclass. A config file holds its fields as top-level
+TOML keys (list fields as TOML arrays, a ``[model]`` table for dict fields); every field
+is also a flag (``--batch-size 64``; lists comma-separated), and flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from flowattn.data import load_dataset, stack_images
+
+T = TypeVar("T")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds ``--config`` and one flag per field of the dataclass ``cls``."""
+    parser.add_argument("--config", help="a TOML file of the settings below")
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, dict):
+            continue  # tables live in config files
+        if isinstance(value, list):
+            parser.add_argument(flag, help=f"comma-separated (default {','.join(value)})")
+        elif isinstance(value, bool):
+            parser.add_argument(flag, type=_boolean, help=f"true/false (default {value})")
+        else:
+            parser.add_argument(flag, type=type(value), help=f"default {value!r}")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The settings of a config file (if any) with the flags given applied on top."""
+    values: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            values = tomllib.load(f)
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SystemExit(f"error: {args.config}: unknown key {key!r}{hint}")
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = (
+                given.split(",") if isinstance(getattr(defaults, f.name), list) else given
+            )
+    return cls(**values)
+
+
+def load_images(dataset: str, split: str, *, root: str, image_size: int, limit: int) -> Tensor:
+    """uint8 images (N, C, H, W): the first ``limit`` (0: all) of a dataset's split.
+
+    ``root`` "" means the default ($FLOWATTN_DATA or ./data); ``image_size`` 0 keeps
+    the dataset's own size (it resizes ``celeba`` and image folders).
+    """
+    options = {"image_size": image_size} if image_size else {}
+    data = load_dataset(dataset, split, root=root or None, **options)
+    n = len(data) if limit <= 0 else min(limit, len(data))
+    return stack_images(torch.utils.data.Subset(data, range(n)))
+
+
+def describe_size(image_size: int) -> str:
+    return f"{image_size}x{image_size}" if image_size else "native size"
+
+
+def ensure_dir(path: str | Path) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

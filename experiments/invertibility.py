@@ -1,0 +1,343 @@
+"""Validating invertibility: one attention block, trained, then inverted by fixed point.
+
+The first experiment of Zha et al. (2021), "Invertible Attention", arXiv 2106.09003,
+Sec. 5.1. Images x in [0, 1] are squeezed (C, H, W) -> (4C, H/2, W/2) and sent through
+one residual attention step y = s + g(s), trained with Adam so that y matches a fixed
+Gaussian target z_i ~ N(0, I) drawn once per training image (mean squared error). The
+trained step is then inverted on held-out images by fixed-point iteration (Anderson,
+tolerance of a few float32 epsilons) and the reconstruction is compared with the input:
+the largest absolute error in pixel levels, the PSNR, the share of pixels exact after
+rounding to 8 bits, and how the solver ended.
+
+Variants (``--kinds``):
+
+- the paper's four kinds (spectrally normalised, coefficient c, not certified):
+  ``gaussian``, ``embedded_gaussian``, ``dot``, ``concat``;
+- the certified kinds: ``external``, ``l2`` (Lip_inf(g) <= c by construction);
+- the ordinary attention baselines of :mod:`flowattn.attention` made residual,
+  x + g(x), with no constraint at all: ``sagan``, ``nonlocal:<kind>``, ``external2d``,
+  ``external2d:heads``, ``mhsa``, ``cbam``, ``dnl``, ``criss-cross``.
+
+Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per variant),
+``reconstructions.png`` (a figure: the held-out inputs, then one row of
+reconstructions per variant, titled with its error) and ``grid_<variant>.png`` (input
+row over reconstruction row, full resolution).
+
+    python experiments/invertibility.py --config experiments/configs/invertibility/cifar10.toml
+    python experiments/invertibility.py --config ... --kinds external,sagan --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from common import add_config_flags, config_from_args, describe_size, ensure_dir, load_images
+from nflows.transforms import SqueezeTransform
+from torch import Tensor, nn
+
+from flowattn import attention as ordinary
+from flowattn.lipschitz import jacobian_spectral_norm
+from flowattn.metrics import reconstruction_error
+from flowattn.plots import save_grid
+from flowattn.transforms import ResidualTransform, invertible_attention
+from flowattn.transforms.attention import CERTIFIED_KINDS, PAPER_KINDS
+
+ORDINARY = {
+    "sagan": ordinary.SelfAttention2d,
+    **{
+        f"nonlocal:{kind}": partial(ordinary.NonLocal2d, kind=kind)
+        for kind in ordinary.NonLocal2d.KINDS
+    },
+    "external2d": ordinary.ExternalAttention2d,
+    "external2d:heads": partial(ordinary.ExternalAttention2d, heads=4),
+    "mhsa": partial(ordinary.MultiHeadSelfAttention2d, heads=4),
+    "cbam": ordinary.CBAM,  # no skip connection of its own (see build_step)
+    "dnl": ordinary.DisentangledNonLocal2d,
+    "criss-cross": ordinary.CrissCrossAttention2d,
+}
+VARIANTS = (*PAPER_KINDS, *CERTIFIED_KINDS, *ORDINARY)
+
+
+class AttentionTerm(nn.Module):
+    """The attention term g(x) = block(x) - x of a block whose output already adds its
+    input (SAGAN, non-local, external, DNL, criss-cross and multi-head blocks)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x) - x
+
+
+def group_of(variant: str) -> str:
+    """``paper``, ``certified`` or ``ordinary``."""
+    if variant in PAPER_KINDS:
+        return "paper"
+    return "certified" if variant in CERTIFIED_KINDS else "ordinary"
+
+
+def build_step(variant: str, channels: int, coeff: float) -> ResidualTransform:
+    """The residual step x + g(x) of a variant on ``channels`` channels."""
+    if variant == "cbam":  # CBAM rescales its input; as a branch: y = x + CBAM(x)
+        return ResidualTransform(ordinary.CBAM(channels))
+    if variant in ORDINARY:
+        return ResidualTransform(AttentionTerm(ORDINARY[variant](channels)))
+    if variant in VARIANTS:
+        return invertible_attention(variant, channels, coeff=coeff)
+    raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+
+
+@dataclass
+class Config:
+    """One dataset's settings (the keys of a config file, and the flags)."""
+
+    dataset: str = "../shared/data/cifar10/cifar10_subset.npz"
+    root: str = ""  # torchvision root; "": $FLOWATTN_DATA or ./data
+    image_size: int = 0  # resize to this (celeba, folder); 0: the dataset's own size
+    train_images: int = 0  # 0: all
+    test_images: int = 64
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-3
+    coeff: float = 0.9
+    seed: int = 0
+    threads: int = 2
+    kinds: list[str] = field(default_factory=lambda: list(VARIANTS))
+    show: int = 8
+    out: str = "outputs/invertibility/cifar10"
+
+
+def train_step(step: ResidualTransform, s: Tensor, target: Tensor, config: Config) -> float:
+    """Fits y = s + g(s) to the targets by Adam on the MSE; returns the last epoch's MSE."""
+    params = list(step.parameters())
+    if not params:
+        return math.nan
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    for _ in range(config.steps):
+        index = torch.randint(len(s), (config.batch_size,), generator=generator)
+        y = s[index] + step.branch(s[index])
+        loss = (y - target[index]).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    tail = losses[-max(1, config.steps // 10) :]
+    return sum(tail) / len(tail)
+
+
+def evaluate(
+    step: ResidualTransform, squeeze: SqueezeTransform, x_test: Tensor, coeff: float
+) -> tuple[dict, Tensor]:
+    """Inverts the trained step on held-out images; returns the row and reconstructions."""
+    x = x_test.double().div(255).float()
+    with torch.no_grad():
+        s, _ = squeeze(x)
+        y = s + step.branch(s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # non-convergence is recorded, not warned
+            start = time.perf_counter()
+            s_hat, _ = step.inverse(y)
+            seconds = time.perf_counter() - start
+        x_hat, _ = squeeze.inverse(s_hat)
+    solve = step.last_inverse
+    finite = bool(torch.isfinite(x_hat).all())
+    row: dict = {
+        "iterations": solve.iterations,
+        "residual": solve.residual,
+        "converged": solve.converged,
+        "inverse_s": seconds,
+    }
+    bound = step.lipschitz_bound(num_pixels=s.shape[-1] * s.shape[-2]) if _has_bound(step) else None
+    norm = getattr(step.branch, "certified_norm", None)
+    row["certified_bound"] = "none" if bound is None else f"{bound:.3f} (l-{norm})"
+    local = jacobian_spectral_norm(step.branch, s[:16].detach(), n_iter=30)
+    row["local_lip2"] = float(local.max())
+    if finite:
+        err = reconstruction_error(x, x_hat, peak=1.0)
+        exact = (x_hat.clamp(0, 1).mul(255).round().to(torch.uint8) == x_test).double().mean()
+        row.update(max_abs_levels=err.max_abs, psnr_db=err.psnr, exact_uint8=float(exact))
+    else:
+        row.update(max_abs_levels=math.inf, psnr_db=-math.inf, exact_uint8=0.0)
+    return row, torch.nan_to_num(x_hat, nan=0.5).clamp(0, 1)
+
+
+def _has_bound(step: ResidualTransform) -> bool:
+    return callable(getattr(step.branch, "lipschitz_bound", None))
+
+
+def run(config: Config, progress: bool = True) -> list[dict]:
+    """Trains and inverts every variant; writes the table and figures; returns the rows."""
+    unknown = [k for k in config.kinds if k not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    torch.set_num_threads(config.threads)
+    out = ensure_dir(config.out)
+    data = {"root": config.root, "image_size": config.image_size}
+    x_train = load_images(config.dataset, "train", limit=config.train_images, **data)
+    x_test = load_images(config.dataset, "test", limit=config.test_images, **data)
+    squeeze = SqueezeTransform(2)
+    with torch.no_grad():
+        s_train, _ = squeeze(x_train.float() / 255)
+    target = torch.randn(s_train.shape, generator=torch.Generator().manual_seed(config.seed + 1))
+    print(
+        f"data {config.dataset}: {len(x_train)} train / {len(x_test)} held-out images "
+        f"{tuple(x_train.shape[1:])} -> squeezed {tuple(s_train.shape[1:])}; "
+        f"{config.steps} Adam steps of batch {config.batch_size}, lr {config.lr:g}, "
+        f"c = {config.coeff:g}, {config.threads} threads",
+        flush=True,
+    )
+    rows, reconstructions = [], {}
+    kinds = config.kinds
+    if progress:
+        from tqdm.auto import tqdm
+
+        kinds = tqdm(kinds, desc="variants", unit="variant")
+    for variant in kinds:
+        torch.manual_seed(config.seed)
+        step = build_step(variant, s_train.shape[1], config.coeff)
+        start = time.perf_counter()
+        mse = train_step(step, s_train, target, config)
+        train_s = time.perf_counter() - start
+        step.eval()
+        row, x_hat = evaluate(step, squeeze, x_test, config.coeff)
+        row = {
+            "variant": variant,
+            "group": group_of(variant),
+            "train_mse": mse,
+            "train_s": train_s,
+            **row,
+        }
+        rows.append(row)
+        reconstructions[variant] = x_hat[: config.show]
+        both = torch.cat([x_test[: config.show].float() / 255, x_hat[: config.show]])
+        save_grid(both, out / f"grid_{variant.replace(':', '_')}.png", nrow=config.show)
+        print(f"{variant}: {_summary(row)}", flush=True)
+    write_table(rows, config, out, len(x_train), len(x_test))
+    figure(x_test[: config.show].float() / 255, reconstructions, rows, out / "reconstructions.png")
+    print(f"wrote {out}/results.md, results.csv, reconstructions.png and grid_*.png")
+    return rows
+
+
+def _summary(row: dict) -> str:
+    status = "converged" if row["converged"] else "NOT converged"
+    return (
+        f"max |err| {row['max_abs_levels']:.3g} levels, PSNR {row['psnr_db']:.1f} dB, "
+        f"{100 * row['exact_uint8']:.1f}% exact; {status} in {row['iterations']} iterations "
+        f"(residual {row['residual']:.2g}); local ||J_g||_2 {row['local_lip2']:.3f}"
+    )
+
+
+COLUMNS = (
+    ("variant", "variant"),
+    ("group", "group"),
+    ("certified_bound", "certified Lip(g)"),
+    ("local_lip2", "local ‖J_g‖₂ (est.)"),
+    ("train_mse", "train MSE"),
+    ("iterations", "inverse iterations"),
+    ("residual", "final residual"),
+    ("converged", "converged"),
+    ("max_abs_levels", "max |error| (levels)"),
+    ("psnr_db", "PSNR (dB)"),
+    ("exact_uint8", "exact after rounding"),
+)
+
+
+def _cell(key: str, value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if key == "exact_uint8":
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return "diverged" if key in ("max_abs_levels", "psnr_db") else str(value)
+        if key in ("residual",):
+            return f"{value:.1e}"
+        if key == "max_abs_levels":
+            return f"{value:.2g}"
+        if key == "local_lip2":
+            return f"{value:.3g}"
+        return f"{value:.3f}" if key != "psnr_db" else f"{value:.1f}"
+    return str(value)
+
+
+def write_table(rows: list[dict], config: Config, out: Path, n_train: int, n_test: int) -> None:
+    """Writes ``results.csv`` (every field) and ``results.md`` (the table, with its setting)."""
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"Dataset `{config.dataset}`: {n_train} training images, {n_test} held-out images, "
+        f"{describe_size(config.image_size)}; squeeze + one residual attention step; "
+        f"{config.steps} Adam steps (batch {config.batch_size}, lr {config.lr:g}) on the MSE "
+        f"to a fixed N(0, I) target; c = {config.coeff:g}; inverse: Anderson, float32; "
+        f"{config.threads} CPU threads.",
+        "",
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + " --- |" * len(COLUMNS),
+    ]
+    lines += ["| " + " | ".join(_cell(k, r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines[2:]))
+
+
+def figure(x: Tensor, reconstructions: dict[str, Tensor], rows: list[dict], path: Path) -> None:
+    """Inputs on top, then one row of reconstructions per variant, titled with its error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = x.shape[0]
+    fig, axes = plt.subplots(
+        len(rows) + 1, n, figsize=(1.1 * n, 1.25 * (len(rows) + 1)), squeeze=False
+    )
+    panels = [("held-out inputs", x)] + [
+        (
+            f"{r['variant']} ({r['group']}): max |err| "
+            f"{_cell('max_abs_levels', r['max_abs_levels'])} levels, "
+            f"PSNR {_cell('psnr_db', r['psnr_db'])} dB",
+            reconstructions[r["variant"]],
+        )
+        for r in rows
+    ]
+    for i, (title, images) in enumerate(panels):
+        for j in range(n):
+            ax = axes[i, j]
+            image = images[j].permute(1, 2, 0).numpy()
+            ax.imshow(
+                image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_title(title, fontsize=8, loc="left")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.97, wspace=0.05, hspace=0.45)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_flags(parser, Config)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = config_from_args(Config, args)
+    try:
+        run(config, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
