@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,6 +80,13 @@ def load_images(dataset: str, split: str, *, root: str, image_size: int, limit: 
     data = load_dataset(dataset, split, root=root or None, **options)
     n = len(data) if limit <= 0 else min(limit, len(data))
     return stack_images(torch.utils.data.Subset(data, range(n)))
+
+
+def quiet_known_warnings() -> None:
+    """Silences two warnings from dependencies that say nothing about the results."""
+    # nflows' LU 1x1 convolution calls torch.triangular_solve (deprecated, still correct)
+    warnings.filterwarnings("ignore", message="torch.triangular_solve is deprecated")
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
 
 
 def describe_size(image_size: int) -> str:

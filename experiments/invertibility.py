@@ -39,7 +39,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import add_config_flags, config_from_args, describe_size, ensure_dir, load_images
+from common import (
+    add_config_flags,
+    config_from_args,
+    describe_size,
+    ensure_dir,
+    load_images,
+    quiet_known_warnings,
+)
 from nflows.transforms import SqueezeTransform
 from torch import Tensor, nn
 
@@ -332,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     add_config_flags(parser, Config)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    quiet_known_warnings()
     config = config_from_args(Config, args)
     try:
         run(config, progress=not args.no_progress)

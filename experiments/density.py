@@ -1,0 +1,287 @@
+"""Density modelling: bits-per-dim of flows with and without attention, against wall time.
+
+The second experiment of Zha et al. (2021), "Invertible Attention", arXiv 2106.09003,
+Sec. 5.2: i-ResNet, i-ResNet with an invertible attention step of each kind, Glow, and
+Glow with ordinary (SAGAN) attention in its coupling networks. Each model trains for the
+same budget (wall-clock minutes of training, or steps, whichever ends first); every
+``eval_every`` seconds of training its test bits-per-dim is taken on ``eval_images``
+held-out images with the EMA weights, which gives the curve of test bpd against wall
+time. At the end every model is evaluated on all ``test_images``, residual models also
+with an unbiased Russian-roulette log-det, and 64 samples are drawn and timed.
+
+Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per model),
+``curves.csv`` (model, step, training seconds, test bpd, standard error),
+``bpd_vs_time.png`` (the curves) and ``samples_<model>.png``.
+
+    python experiments/density.py --config experiments/configs/density/cifar10-cpu.toml
+    python experiments/density.py --config experiments/configs/density/cifar10-gpu.toml
+    python experiments/density.py --models iresnet,glow --budget 2 --dataset digits
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from common import (
+    add_config_flags,
+    config_from_args,
+    describe_size,
+    ensure_dir,
+    load_images,
+    quiet_known_warnings,
+)
+
+from flowattn.models import ModelConfig, build_model
+from flowattn.plots import save_grid
+from flowattn.runs import resolve_device
+from flowattn.training import Trainer
+from flowattn.transforms.attention import KINDS
+
+MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
+
+
+@dataclass
+class Config:
+    """One run's settings (the keys of a config file, and the flags)."""
+
+    dataset: str = "../shared/data/cifar10/cifar10_subset.npz"
+    root: str = ""  # torchvision root; "": $FLOWATTN_DATA or ./data
+    image_size: int = 0  # resize to this (celeba, folder); 0: the dataset's own size
+    train_images: int = 0  # 0: all
+    test_images: int = 0  # final evaluation; 0: all
+    eval_images: int = 256  # images of each evaluation along the curve
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    model: dict = field(default_factory=lambda: {"size": "tiny"})  # options of every model
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema: float = 0.99
+    budget: float = 4.0  # minutes of training per model
+    steps: int = 0  # 0: no step limit
+    eval_every: float = 30.0  # seconds of training between evaluations
+    sample_n: int = 64
+    temperature: float = 0.7
+    device: str = "auto"
+    threads: int = 2
+    seed: int = 0
+    out: str = "outputs/density/cifar10-cpu"
+
+
+def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> ModelConfig:
+    """The model of a spec ``preset`` or ``preset:attention`` with the run's options."""
+    preset, _, attention = spec.partition(":")
+    options = {"preset": preset, "image_shape": image_shape, **config.model}
+    if attention:
+        options["attention"] = attention
+    return ModelConfig.from_dict(options)
+
+
+def build(spec: str, image_shape: tuple[int, ...], config: Config, device: torch.device):
+    """The model of a spec, seeded, on ``device``."""
+    torch.manual_seed(config.seed)
+    return build_model(model_config(spec, config, image_shape)).to(device)
+
+
+def curve_point(trainer: Trainer, x_eval: torch.Tensor, seed: int) -> dict:
+    torch.manual_seed(seed)
+    with trainer.evaluation_weights():
+        bpd = trainer.model.bits_per_dim(x_eval, batch_size=128)
+    return {
+        "step": trainer.step,
+        "train_s": trainer.result.seconds,
+        "test_bpd": bpd.mean,
+        "test_se": bpd.stderr,
+    }
+
+
+def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Path):
+    """Trains one model for the budget; returns its result row and its curve."""
+    x_train, x_test = data["train"], data["test"]
+    model = build(spec, tuple(x_train.shape[1:]), config, device)
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"\n== {spec}: {parameters:,} parameters", flush=True)
+    trainer = Trainer(
+        model,
+        x_train,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        warmup=config.warmup,
+        ema=config.ema,
+        seed=config.seed,
+    )
+    budget = config.budget * 60
+    max_steps = config.steps or None
+    x_eval = x_test[: config.eval_images] if config.eval_images > 0 else x_test
+    curve = [curve_point(trainer, x_eval, config.seed)]
+    while trainer.result.seconds < budget and (max_steps is None or trainer.step < max_steps):
+        chunk = min(config.eval_every, budget - trainer.result.seconds)
+        trainer.run(max_steps=max_steps, time_budget=chunk, progress=False)
+        curve.append(curve_point(trainer, x_eval, config.seed))
+        point = curve[-1]
+        print(
+            f"{spec}: step {point['step']}, {point['train_s']:.0f} s, "
+            f"test bpd {point['test_bpd']:.4f} ± {point['test_se']:.4f}",
+            flush=True,
+        )
+    result = trainer.result
+    row = {
+        "model": spec,
+        "parameters": parameters,
+        "steps": result.steps,
+        "train_s": result.seconds,
+        "train_img_s": result.images_per_second,
+        "skipped": result.skipped,
+    }
+    with trainer.evaluation_weights():
+        torch.manual_seed(config.seed + 1)
+        bpd = model.bits_per_dim(x_test, batch_size=128)
+        row.update(test_bpd=bpd.mean, test_se=bpd.stderr, estimator=bpd.estimator)
+        if any(True for _ in model.residual_steps()):
+            torch.manual_seed(config.seed + 1)
+            unbiased = model.bits_per_dim(x_test, batch_size=128, estimator="roulette", n_terms=2)
+            row.update(unbiased_bpd=unbiased.mean, unbiased_se=unbiased.stderr)
+        else:  # exact log-dets: the figure is already unbiased
+            row.update(unbiased_bpd=bpd.mean, unbiased_se=bpd.stderr)
+        torch.manual_seed(config.seed + 2)
+        start = time.perf_counter()
+        samples = model.sample(config.sample_n, temperature=config.temperature)
+        row["sample_img_s"] = config.sample_n / (time.perf_counter() - start)
+    save_grid(samples.cpu(), out / f"samples_{spec.replace(':', '_')}.png", nrow=8)
+    print(
+        f"{spec}: test {row['unbiased_bpd']:.4f} ± {row['unbiased_se']:.4f} bpd after "
+        f"{result.steps} steps ({row['train_img_s']:.1f} img/s)",
+        flush=True,
+    )
+    return row, curve
+
+
+def setting(config: Config, data: dict, device: torch.device) -> str:
+    """One line saying what the figures were measured on."""
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    limit = f"{config.budget:g} min of training per model"
+    if config.steps:
+        limit += f" or {config.steps} steps"
+    options = ", ".join(f"{k}={v}" for k, v in config.model.items())
+    return (
+        f"Dataset `{config.dataset}`: {len(data['train'])} training / {len(data['test'])} test "
+        f"images, {describe_size(config.image_size)}; {limit}; batch {config.batch_size}, "
+        f"Adam lr {config.lr:g}, EMA {config.ema:g}; model options {options or 'defaults'}; "
+        f"{hardware}; torch {torch.__version__}."
+    )
+
+
+def write_results(rows: list[dict], curves: dict, header: str, out: Path) -> None:
+    """``results.csv``, ``curves.csv`` and ``results.md``; prints the table."""
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with (out / "curves.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "step", "train_s", "test_bpd", "test_se"])
+        for spec, curve in curves.items():
+            for p in curve:
+                writer.writerow([spec, p["step"], p["train_s"], p["test_bpd"], p["test_se"]])
+    lines = [
+        header,
+        "",
+        "| model | test bpd ± SE (unbiased) | test bpd (training estimator) | parameters "
+        "| steps | train img/s | sample img/s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['unbiased_bpd']:.4f} ± {r['unbiased_se']:.4f} "
+            f"| {r['test_bpd']:.4f} ± {r['test_se']:.4f} | {r['parameters']:,} | {r['steps']} "
+            f"| {r['train_img_s']:.1f} | {r['sample_img_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "Training estimators: " + "; ".join(f"{r['model']}: {r['estimator']}" for r in rows),
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+def plot_curves(curves: dict, header: str, path: Path) -> None:
+    """Test bpd against training wall time, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    finite = []
+    for spec, curve in curves.items():
+        points = [p for p in curve if math.isfinite(p["test_bpd"])]
+        t = [p["train_s"] / 60 for p in points]
+        bpd = [p["test_bpd"] for p in points]
+        finite += bpd[1:]
+        style = "--" if spec.startswith("glow") else "-"
+        ax.plot(t, bpd, style, marker="o", markersize=3, label=spec)
+    if finite:  # the first evaluation (untrained) would squash the rest of the plot
+        low, high = min(finite), sorted(finite)[int(0.9 * (len(finite) - 1))]
+        ax.set_ylim(low - 0.05 * (high - low + 0.1), high + 0.3 * (high - low + 0.1))
+    ax.set_xlabel("training wall time (min)")
+    ax.set_ylabel("test bits/dim (EMA weights)")
+    ax.set_title("\n".join(_wrap(header, 110)), fontsize=7, loc="left")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width)
+
+
+def run(config: Config) -> list[dict]:
+    for spec in config.models:  # check every model's options before training any
+        model_config(spec, config, (3, 32, 32))
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    out = ensure_dir(config.out)
+    images = {"root": config.root, "image_size": config.image_size}
+    data = {
+        "train": load_images(config.dataset, "train", limit=config.train_images, **images),
+        "test": load_images(config.dataset, "test", limit=config.test_images, **images),
+    }
+    header = setting(config, data, device)
+    print(header, flush=True)
+    rows, curves = [], {}
+    for spec in config.models:
+        row, curve = run_one(spec, config, data, device, out)
+        rows.append(row)
+        curves[spec] = curve
+        write_results(rows, curves, header, out)  # after every model: partial results survive
+        plot_curves(curves, header, out / "bpd_vs_time.png")
+    print(f"wrote {out}/results.md, results.csv, curves.csv, bpd_vs_time.png and samples_*.png")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_flags(parser, Config)
+    args = parser.parse_args(argv)
+    quiet_known_warnings()
+    try:
+        run(config_from_args(Config, args))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The experiment scripts: variants, configs, and end-to-end runs on tiny budgets."""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import common  # noqa: E402
+import density  # noqa: E402
+import invertibility  # noqa: E402
+
+from flowattn import attention as ordinary  # noqa: E402
+
+CONFIGS = sorted((ROOT / "experiments/configs").glob("*/*.toml"))
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("variant", [v for v in invertibility.ORDINARY if v != "cbam"])
+def test_ordinary_blocks_made_residual_are_the_blocks(variant):
+    # The step x + g(x) with g = block - identity is the block itself (its own skip).
+    step = invertibility.build_step(variant, 8, 0.9)
+    for p in step.parameters():  # move off the zero initialisation of the output gates
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    step = step.double()
+    y, _ = step(x)
+    torch.testing.assert_close(y, step.branch.block(x), rtol=1e-12, atol=1e-12)
+
+
+def test_cbam_made_residual_adds_its_input():
+    step = invertibility.build_step("cbam", 8, 0.9).double()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    assert isinstance(step.branch, ordinary.CBAM)
+    torch.testing.assert_close(step(x)[0], x + step.branch(x))
+
+
+@pytest.mark.parametrize("variant", invertibility.VARIANTS)
+def test_every_variant_builds_and_inverts_at_initialisation(variant):
+    step = invertibility.build_step(variant, 4, 0.9).eval()
+    x = torch.rand(3, 4, 4, 4)
+    with torch.no_grad():
+        y, _ = step(x)
+        x_back, _ = step.inverse(y)
+        y_again, _ = step(x_back)
+    assert step.last_inverse.converged
+    assert (y_again - y).abs().max() < 1e-4  # the solver found a preimage of y
+    if variant != "concat":
+        assert (x_back - x).abs().max() < 1e-4  # and it is x
+    # concat's branch (ELU of a sum, unbounded) is not a contraction even at
+    # initialisation: its fixed point need not be unique, and here it is another one.
+
+
+def test_unknown_variant_names_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: gaussian"):
+        invertibility.build_step("sagann", 4, 0.9)
+
+
+def test_invertibility_experiment_end_to_end(tmp_path):
+    kinds = "external,l2,gaussian,sagan,cbam"
+    invertibility.main(
+        ["--dataset", "digits", "--kinds", kinds, "--steps", "20", "--test-images", "16",
+         "--show", "4", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path),
+         "--no-progress"]
+    )  # fmt: skip
+    rows = {r["variant"]: r for r in _rows(tmp_path / "results.csv")}
+    assert list(rows) == kinds.split(",")
+    for kind in ("external", "l2"):  # certified: the inverse must be exact to float32
+        assert rows[kind]["converged"] == "True"
+        assert float(rows[kind]["max_abs_levels"]) < 1e-2
+        assert float(rows[kind]["exact_uint8"]) == 1.0
+        assert rows[kind]["certified_bound"].endswith("(l-inf)")
+    assert rows["sagan"]["certified_bound"] == "none"
+    table = (tmp_path / "results.md").read_text()
+    assert "1500 training images, 16 held-out images" in table
+    assert all(f"| {kind} |" in table for kind in kinds.split(","))
+    with Image.open(tmp_path / "reconstructions.png") as figure:
+        assert figure.size[0] > 100 and figure.size[1] > 100
+    grid = tmp_path / "grid_external.png"
+    with Image.open(grid) as image:  # input row over reconstruction row
+        assert image.size[1] > image.size[0] / 4 * 2 * 0.9
+
+
+def test_density_experiment_end_to_end(tmp_path):
+    density.main(
+        ["--dataset", "digits", "--models", "iresnet-attn:external,glow", "--budget", "0.03",
+         "--eval-every", "0.6", "--eval-images", "32", "--test-images", "64", "--sample-n", "4",
+         "--threads", str(torch.get_num_threads()), "--device", "cpu", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = {r["model"]: r for r in _rows(tmp_path / "results.csv")}
+    assert list(rows) == ["iresnet-attn:external", "glow"]
+    for row in rows.values():
+        assert 0 < float(row["test_bpd"]) < 20 and float(row["test_se"]) > 0
+        assert float(row["train_s"]) >= 0.03 * 60
+    assert "exact" in rows["glow"]["estimator"]  # glow has no estimated log-dets
+    assert rows["glow"]["unbiased_bpd"] == rows["glow"]["test_bpd"]
+    assert "power series" in rows["iresnet-attn:external"]["estimator"]
+    curve = [r for r in _rows(tmp_path / "curves.csv") if r["model"] == "glow"]
+    assert len(curve) >= 3 and curve[0]["step"] == "0"
+    times = [float(r["train_s"]) for r in curve]
+    assert times == sorted(times)
+    assert "64 test images" in (tmp_path / "results.md").read_text()
+    for name in ("bpd_vs_time.png", "samples_glow.png", "samples_iresnet-attn_external.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_configs_parse_and_name_valid_models(path):
+    script = density if path.parent.name == "density" else invertibility
+    config = common.config_from_args(script.Config, argparse.Namespace(config=str(path)))
+    if script is density:
+        for spec in config.models:
+            density.model_config(spec, config, (3, 32, 32))
+        assert config.model["size"] in ("tiny", "paper")
+    else:
+        assert set(config.kinds) <= set(invertibility.VARIANTS)
+    assert config.dataset in ("svhn", "celeba") or config.dataset.endswith(".npz")
+    if config.dataset in ("svhn", "celeba"):
+        assert config.image_size in (0, 32)
+
+
+def test_configs_cover_three_datasets_both_ways():
+    names = {f"{p.parent.name}/{p.stem}" for p in CONFIGS}
+    for dataset in ("cifar10", "svhn", "celeba"):
+        assert f"invertibility/{dataset}" in names
+        assert {f"density/{dataset}-cpu", f"density/{dataset}-gpu"} <= names
+
+
+def test_unknown_config_key_suggests_the_closest(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('dataset = "digits"\nstepz = 3\n')
+    with pytest.raises(SystemExit, match="did you mean 'steps'"):
+        invertibility.main(["--config", str(path)])
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="SVHN not found"):
+        density.main(["--dataset", "svhn", "--root", str(tmp_path), "--models", "glow"])
