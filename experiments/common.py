@@ -15,7 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from torch import Tensor
 
 from flowattn.data import load_dataset, stack_images
@@ -78,8 +77,7 @@ def load_images(dataset: str, split: str, *, root: str, image_size: int, limit: 
     """
     options = {"image_size": image_size} if image_size else {}
     data = load_dataset(dataset, split, root=root or None, **options)
-    n = len(data) if limit <= 0 else min(limit, len(data))
-    return stack_images(torch.utils.data.Subset(data, range(n)))
+    return stack_images(data, limit if limit > 0 else None)
 
 
 def quiet_known_warnings() -> None:

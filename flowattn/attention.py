@@ -51,7 +51,7 @@ class SelfAttention2d(nn.Module):
         | Self-Attention Generative Adversarial Networks (Zhang et al., 2019)
         | https://arxiv.org/abs/1805.08318
 
-    Example:
+    Examples:
         >>> attn = SelfAttention2d(16)
         >>> x = torch.randn(2, 16, 8, 8)
         >>> bool(torch.equal(attn(x), x))  # gamma = 0 at initialisation
@@ -92,7 +92,7 @@ class NonLocal2d(nn.Module):
         | Non-local Neural Networks (Wang et al., 2018)
         | https://arxiv.org/abs/1711.07971
 
-    Example:
+    Examples:
         >>> block = NonLocal2d(8, kind="concat")
         >>> block(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
@@ -148,7 +148,7 @@ class ExternalAttention2d(nn.Module):
         | Beyond Self-attention: External Attention using Two Linear Layers (Guo et al., 2021)
         | https://arxiv.org/abs/2105.02358
 
-    Example:
+    Examples:
         >>> ExternalAttention2d(8, heads=2)(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
     """
@@ -187,7 +187,7 @@ class MultiHeadSelfAttention2d(nn.Module):
         | Attention Is All You Need (Vaswani et al., 2017)
         | https://arxiv.org/abs/1706.03762
 
-    Example:
+    Examples:
         >>> MultiHeadSelfAttention2d(8, heads=2)(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
     """
@@ -216,7 +216,7 @@ class CBAM(nn.Module):
         | CBAM: Convolutional Block Attention Module (Woo et al., 2018)
         | https://arxiv.org/abs/1807.06521
 
-    Example:
+    Examples:
         >>> CBAM(8)(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
     """
@@ -250,7 +250,7 @@ class DisentangledNonLocal2d(nn.Module):
         | Disentangled Non-Local Neural Networks (Yin et al., 2020)
         | https://arxiv.org/abs/2006.06668
 
-    Example:
+    Examples:
         >>> DisentangledNonLocal2d(8)(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
     """
@@ -291,7 +291,7 @@ class CrissCrossAttention2d(nn.Module):
         | CCNet: Criss-Cross Attention for Semantic Segmentation (Huang et al., 2019)
         | https://arxiv.org/abs/1811.11721
 
-    Example:
+    Examples:
         >>> CrissCrossAttention2d(8)(torch.randn(2, 8, 5, 3)).shape
         torch.Size([2, 8, 5, 3])
     """

@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Writes ``state`` to ``path`` atomically (temporary file, then rename).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as d:
         ...     path = save_checkpoint({"step": 3}, Path(d) / "ckpt.pt")

@@ -66,7 +66,7 @@ class DataError(ValueError):
 class ImageTensorDataset(Dataset):
     r"""In-memory images (N, C, H, W) uint8 with optional labels (N,).
 
-    Example:
+    Examples:
         >>> ds = ImageTensorDataset(torch.zeros(5, 1, 8, 8, dtype=torch.uint8))
         >>> len(ds), ds[0][0].shape, ds[0][1]
         (5, torch.Size([1, 8, 8]), -1)
@@ -363,7 +363,7 @@ def load_dataset(
         DatasetNotFoundError: The files are missing (the message names the path tried).
         DataError: The files are corrupted or hold the wrong shape or dtype.
 
-    Example:
+    Examples:
         >>> ds = load_dataset("digits", "test")
         >>> len(ds), ds[0][0].dtype, ds[0][0].shape
         (297, torch.uint8, torch.Size([1, 8, 8]))
@@ -401,7 +401,7 @@ def load_dataset(
 def stack_images(dataset: Dataset, limit: int | None = None) -> Tensor:
     """The first ``limit`` images of a dataset as one uint8 tensor (N, C, H, W).
 
-    Example:
+    Examples:
         >>> stack_images(load_dataset("digits", "test"), limit=4).shape
         torch.Size([4, 1, 8, 8])
     """

@@ -66,7 +66,7 @@ def inf_norm(weight: Tensor) -> Tensor:
     Returns:
         A scalar tensor.
 
-    Example:
+    Examples:
         >>> inf_norm(torch.tensor([[1.0, -2.0], [0.5, 0.5]]))
         tensor(3.)
     """
@@ -82,7 +82,7 @@ def spectral_norm(weight: Tensor) -> Tensor:
     Returns:
         A scalar tensor, differentiable.
 
-    Example:
+    Examples:
         >>> spectral_norm(torch.diag(torch.tensor([3.0, -4.0])))
         tensor(4.)
     """
@@ -98,7 +98,7 @@ class RowL1Rescale(nn.Module):
     Arguments:
         coeff: The bound on every row's :math:`\ell_1` norm.
 
-    Example:
+    Examples:
         >>> layer = nn.Linear(3, 2)
         >>> _ = nn.utils.parametrize.register_parametrization(layer, "weight", RowL1Rescale(0.9))
         >>> bool(inf_norm(layer.weight) <= 0.9 + 1e-6)
@@ -126,7 +126,7 @@ class SpectralRescale(nn.Module):
     Arguments:
         coeff: The bound on the spectral norm.
 
-    Example:
+    Examples:
         >>> conv = nn.Conv2d(4, 4, 1)
         >>> _ = nn.utils.parametrize.register_parametrization(conv, "weight", SpectralRescale(0.5))
         >>> bool(spectral_norm(conv.weight) <= 0.5 + 1e-6)
@@ -152,12 +152,13 @@ class ConstrainedLinear(nn.Linear):
     The stored ``weight`` is unconstrained; :meth:`constrained_weight` is what acts.
 
     Arguments:
-        n_in, n_out: Input and output features.
+        n_in: Input features.
+        n_out: Output features.
         rescale: A module mapping the raw weight to the constrained one, e.g.
             :class:`SpectralRescale` or :class:`RowL1Rescale`.
         bias: Whether to add a bias (it does not affect Lipschitz constants).
 
-    Example:
+    Examples:
         >>> layer = ConstrainedLinear(4, 3, SpectralRescale(0.9))
         >>> bool(spectral_norm(layer.constrained_weight()) <= 0.9 + 1e-6)
         True
@@ -233,7 +234,7 @@ def conv_spectral_upper_bound(weight: Tensor, spatial: tuple[int, int]) -> Tenso
     Returns:
         A scalar tensor, differentiable with respect to ``weight``.
 
-    Example:
+    Examples:
         >>> w = torch.zeros(1, 1, 3, 3)
         >>> w[0, 0, 1, 1] = 2.0
         >>> conv_spectral_upper_bound(w, (8, 8))

@@ -76,7 +76,7 @@ def sample_probes(
     Returns:
         A tensor (P, B, ...) where P is ``n_probes`` or D for ``"basis"``.
 
-    Example:
+    Examples:
         >>> sample_probes(torch.zeros(2, 3), 4).shape
         torch.Size([4, 2, 3])
     """
@@ -102,7 +102,7 @@ def series_truncation_bound(lipschitz: float, n_terms: int, dim: int) -> float:
     With :math:`L \geq \|J\|` in any induced norm, :math:`|\operatorname{tr}(J^k)| \leq D L^k`, so
     the tail is at most :math:`D \sum_{k > n} L^k / k = -D(\ln(1 - L) + \sum_{k \leq n} L^k / k)`.
 
-    Example:
+    Examples:
         >>> round(series_truncation_bound(0.5, 2, 1), 6)
         0.068147
     """
@@ -156,7 +156,7 @@ class ExactLogDet(LogDetEstimator):
 
     Meant for small inputs, tests and exact evaluation. Differentiable.
 
-    Example:
+    Examples:
         >>> est = ExactLogDet()
         >>> _, logdet = est(lambda x: 0.5 * x, torch.zeros(2, 3))
         >>> logdet  # 3 * log(1.5)
@@ -266,7 +266,7 @@ class PowerSeriesLogDet(_SeriesLogDet):
         gradient: ``"backprop"`` through the series, or ``"neumann"`` series gradient.
         memory_efficient: Compute the gradient in the forward pass, free the graph.
 
-    Example:
+    Examples:
         >>> est = PowerSeriesLogDet(n_terms=10, probe="basis")
         >>> _, logdet = est(lambda x: 0.5 * x, torch.zeros(1, 3))
         >>> logdet  # 3 * log(1.5) = 1.2164 up to the alternating tail
@@ -315,9 +315,12 @@ class RussianRouletteLogDet(_SeriesLogDet):
         lam: Rate of the Poisson distribution.
         max_terms: Hard cap on the number of terms (cost guard; the estimate is
             unbiased only while the cap is not reached).
-        n_probes, probe, gradient, memory_efficient: As in :class:`PowerSeriesLogDet`.
+        n_probes: As in :class:`PowerSeriesLogDet`.
+        probe: As in :class:`PowerSeriesLogDet`.
+        gradient: As in :class:`PowerSeriesLogDet`.
+        memory_efficient: As in :class:`PowerSeriesLogDet`.
 
-    Example:
+    Examples:
         >>> est = RussianRouletteLogDet(n_exact=2, distribution="geometric", p=0.5)
         >>> _, logdet = est(lambda x: 0.5 * x, torch.zeros(4, 3))
         >>> logdet.shape
@@ -460,7 +463,7 @@ def make_estimator(name: str | LogDetEstimator, **options) -> LogDetEstimator:
     (``roulette``); the other options are the estimator's constructor arguments. An
     estimator instance is returned as is (no options allowed).
 
-    Example:
+    Examples:
         >>> make_estimator("roulette", n_terms=3, p=0.3).describe()
         'Russian roulette, 3 exact terms + geometric p=0.3, 1 rademacher probe (unbiased)'
     """

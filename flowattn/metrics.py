@@ -38,7 +38,7 @@ def bits_per_dim(log_prob: Tensor, num_dims: int) -> Tensor:
             :math:`-D \ln 256` of dequantisation), any shape.
         num_dims: D, the number of values per image (C H W).
 
-    Example:
+    Examples:
         >>> bits_per_dim(torch.tensor(-3072 * math.log(256)), 3072)
         tensor(8.)
     """
@@ -77,7 +77,7 @@ class BitsPerDim:
 def summarize_bits_per_dim(values: Tensor, estimator: str) -> BitsPerDim:
     """Mean and standard error of per-image values (images, repeats) -> :class:`BitsPerDim`.
 
-    Example:
+    Examples:
         >>> summarize_bits_per_dim(torch.tensor([[3.0], [5.0]]), "exact").mean
         4.0
     """
@@ -119,11 +119,12 @@ def reconstruction_error(x: Tensor, x_hat: Tensor, *, peak: float = 255.0) -> Re
     r"""Reconstruction error between images on the same scale, reported in pixel levels.
 
     Arguments:
-        x, x_hat: Images of the same shape: uint8 (levels), or floats whose largest
-            possible value is ``peak`` (use ``peak=1.0`` for images in [0, 1]).
+        x: Images: uint8 (levels), or floats whose largest possible value is ``peak``
+            (use ``peak=1.0`` for images in [0, 1]).
+        x_hat: Their reconstructions, of the same shape and scale.
         peak: The value of a full-scale pixel on the inputs' scale.
 
-    Example:
+    Examples:
         >>> x = torch.tensor([0, 100, 255], dtype=torch.uint8)
         >>> err = reconstruction_error(x, torch.tensor([0, 101, 255], dtype=torch.uint8))
         >>> err.max_abs, round(err.psnr, 2)

@@ -287,7 +287,7 @@ class DensityModel(Flow):
         distribution: Base distribution (default standard normal on D values).
         config: The :class:`ModelConfig` it was built from, if any.
 
-    Example:
+    Examples:
         >>> model = build_model("iresnet-attn", image_shape=(1, 8, 8), blocks=1, hidden=8)
         >>> x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
         >>> model.bits_per_dim(x).mean > 0
@@ -493,7 +493,11 @@ class DensityModel(Flow):
         return images
 
     def lipschitz_bounds(self) -> dict[str, float | None]:
-        """Each residual step's certified Lipschitz bound (None where uncertified)."""
+        """Each residual step's certified Lipschitz bound at the model's image size (None
+        where uncertified). The bounds of convolutional and l2 attention branches depend
+        on the size of their input, so one grey image is passed through first."""
+        with torch.no_grad(), self.evaluating():
+            self.log_prob(torch.full((1, *self.image_shape), 0.5, device=self.device))
         return {name: step.lipschitz_bound() for name, step in self.residual_steps()}
 
 
@@ -514,7 +518,7 @@ def build_model(
     Returns:
         A :class:`DensityModel`.
 
-    Example:
+    Examples:
         >>> model = build_model("glow", image_shape=(3, 8, 8), size="tiny")
         >>> model.sample(2).shape
         torch.Size([2, 3, 8, 8])

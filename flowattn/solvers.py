@@ -26,7 +26,7 @@ __all__ = ["FixedPointResult", "SOLVERS", "default_tolerance", "solve_fixed_poin
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,7 +47,7 @@ class FixedPointResult:
         converged: Whether every element met its tolerance.
     """
 
-    solution: Tensor
+    solution: Tensor = field(repr=False)
     iterations: int
     residual: float
     tolerance: float
@@ -118,7 +118,8 @@ def solve_fixed_point(
         y: The output of the residual step (B, ...).
         x0: Starting point; defaults to ``y``.
         solver: ``"banach"`` or ``"anderson"``.
-        atol, rtol: Tolerances; default :func:`default_tolerance` of the dtype. When the
+        atol: Absolute tolerance; default :func:`default_tolerance` of the dtype.
+        rtol: Relative tolerance (times ``|y|``); default as ``atol``. When the
             residual stops shrinking for 30 iterations while below the rounding floor
             :math:`64 \epsilon (1 + \max |y|)` (evaluating g in floating point cannot do
             better), the solve stops there and counts as converged, reporting that
@@ -131,7 +132,7 @@ def solve_fixed_point(
     Returns:
         A :class:`FixedPointResult`.
 
-    Example:
+    Examples:
         >>> y = torch.ones(2, 3)
         >>> result = solve_fixed_point(lambda x: 0.5 * x, y, solver="banach")
         >>> result.converged, torch.allclose(result.solution, y / 1.5)

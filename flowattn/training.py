@@ -70,7 +70,7 @@ class EMA:
     warm-up ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not
     dominated by the initial weights. :meth:`applied` swaps the averaged weights in.
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 2)
         >>> ema = EMA(net, decay=0.9)
         >>> ema.update()
@@ -160,7 +160,7 @@ class Trainer:
             :class:`NonFiniteLossError`.
         seed: Seed of the batch order.
 
-    Example:
+    Examples:
         >>> from flowattn.models import build_model
         >>> model = build_model("glow", image_shape=(1, 8, 8), blocks=1, hidden=8)
         >>> x = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
@@ -371,7 +371,7 @@ def train(
     The one-call form of :class:`Trainer` (no EMA, no checkpoints): see it for the
     arguments. Non-finite steps are skipped and counted.
 
-    Example:
+    Examples:
         >>> from flowattn.models import build_model
         >>> model = build_model("glow", image_shape=(1, 8, 8), blocks=1, hidden=8)
         >>> x = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)

@@ -42,6 +42,7 @@ __all__ = [
 
 import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +135,7 @@ class PaperAttention(AttentionBranch):
         coeff: Spectral-norm coefficient c of every 1x1 map.
         reduction: Channel reduction k of :math:`\theta, \phi` (C / k channels).
 
-    Example:
+    Examples:
         >>> g = PaperAttention(8, "concat")
         >>> g(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
@@ -209,7 +210,7 @@ class ExternalAttention(AttentionBranch):
         slots: Number S of external memory slots.
         hidden: Width of the features attended over (default C).
 
-    Example:
+    Examples:
         >>> g = ExternalAttention(8, slots=16)
         >>> g(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
@@ -292,7 +293,7 @@ class L2SelfAttention(AttentionBranch):
         heads: Number of heads H.
         head_dim: Query dimension d per head (default C / H, at least 1).
 
-    Example:
+    Examples:
         >>> g = L2SelfAttention(8, heads=2)
         >>> g(torch.randn(2, 8, 4, 4)).shape
         torch.Size([2, 8, 4, 4])
@@ -392,7 +393,7 @@ def invertible_attention(
     estimator: str | LogDetEstimator = "series",
     n_terms: int = 5,
     n_probes: int = 1,
-    **options,
+    **options: Any,
 ) -> ResidualTransform:
     r"""Builds an invertible attention flow step :math:`y = x + g(x)`.
 
@@ -413,7 +414,7 @@ def invertible_attention(
     Returns:
         A :class:`~flowattn.transforms.residual.ResidualTransform`.
 
-    Example:
+    Examples:
         >>> step = invertible_attention("external", 12, n_terms=5)
         >>> y, logabsdet = step(torch.randn(2, 12, 8, 8))
         >>> y.shape, logabsdet.shape

@@ -41,7 +41,7 @@ class CouplingConditioner(nn.Module):
         hidden: Hidden channels.
         attention: Insert SAGAN self-attention after the hidden layers.
 
-    Example:
+    Examples:
         >>> net = CouplingConditioner(2, 4, hidden=8, attention=True)
         >>> net(torch.randn(3, 2, 4, 4)).shape
         torch.Size([3, 4, 4, 4])
@@ -92,7 +92,7 @@ def glow_step(
     Returns:
         An nflows ``CompositeTransform``.
 
-    Example:
+    Examples:
         >>> step = glow_step(4, hidden=8)
         >>> x = torch.randn(2, 4, 4, 4)
         >>> y, logabsdet = step(x)

@@ -45,7 +45,7 @@ class LipSwish(nn.Module):
         | Residual Flows for Invertible Generative Modeling (Chen et al., 2019)
         | https://arxiv.org/abs/1906.02735
 
-    Example:
+    Examples:
         >>> act = LipSwish(3)
         >>> act(torch.zeros(1, 3, 2, 2)).abs().max().item()
         0.0
@@ -86,7 +86,7 @@ class ConvResidualBranch(nn.Module):
         activation: ``"elu"`` (i-ResNet) or ``"lipswish"`` (Residual Flows).
         kernel_size: Size of the outer convolutions (odd).
 
-    Example:
+    Examples:
         >>> g = ConvResidualBranch(4, hidden=8, coeff=0.9)
         >>> g(torch.randn(2, 4, 6, 6)).shape
         torch.Size([2, 4, 6, 6])

@@ -46,7 +46,7 @@ class UniformDequantization(Transform):
         bits: Bits per pixel value b (8 for ordinary images).
         noise: Add uniform noise (True) or use the bin centres :math:`(x + 1/2) / 2^b`.
 
-    Example:
+    Examples:
         >>> deq = UniformDequantization()
         >>> x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
         >>> y, logabsdet = deq(x)
@@ -108,7 +108,7 @@ class LogitTransform(Transform):
     Arguments:
         alpha: Margin :math:`\alpha \in (0, 1/2)` (Real NVP uses 0.05 on CIFAR-10).
 
-    Example:
+    Examples:
         >>> logit = LogitTransform(0.05)
         >>> y = torch.rand(2, 3, 4, 4)
         >>> z, logabsdet = logit(y)

@@ -48,11 +48,12 @@ class ResidualTransform(Transform):
         estimator: A :class:`~flowattn.logdet.LogDetEstimator` (default: 5-term power
             series, one Rademacher probe).
         solver: ``"anderson"`` (default) or ``"banach"``.
-        atol, rtol: Inverse tolerances; default a few machine epsilons of the dtype.
+        atol: Absolute inverse tolerance; default a few machine epsilons of the dtype.
+        rtol: Relative inverse tolerance (times ``|y|``); default as ``atol``.
         max_iter: Largest number of fixed-point iterations.
         strict: Raise instead of warning when the inverse does not converge.
 
-    Example:
+    Examples:
         >>> from flowattn.lipschitz import ConstrainedLinear, RowL1Rescale
         >>> branch = nn.Sequential(ConstrainedLinear(3, 3, RowL1Rescale(0.5)), nn.Tanh())
         >>> step = ResidualTransform(branch)
