@@ -79,6 +79,7 @@ def test_invertibility_experiment_end_to_end(tmp_path):
         assert rows[kind]["converged"] == "True"
         assert float(rows[kind]["max_abs_levels"]) < 1e-2
         assert float(rows[kind]["exact_uint8"]) == 1.0
+        assert rows[kind]["exact_images"] == "16/16"
         assert rows[kind]["certified_bound"].endswith("(l-inf)")
     assert rows["sagan"]["certified_bound"] == "none"
     table = (tmp_path / "results.md").read_text()
