@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +39,12 @@ from common import (
     quiet_known_warnings,
 )
 
+from flowattn.metrics import NonFiniteDensityError
 from flowattn.models import ModelConfig, build_model
 from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
-from flowattn.training import Trainer
+from flowattn.training import NonFiniteLossError, Trainer
+from flowattn.transforms import ConvergenceWarning
 from flowattn.transforms.attention import KINDS
 
 MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
@@ -71,6 +75,7 @@ class Config:
     threads: int = 2
     seed: int = 0
     out: str = "outputs/density/cifar10-cpu"
+    resume: bool = False  # keep the models already in out/results.json; train the rest
 
 
 def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> ModelConfig:
@@ -88,16 +93,23 @@ def build(spec: str, image_shape: tuple[int, ...], config: Config, device: torch
     return build_model(model_config(spec, config, image_shape)).to(device)
 
 
+def bits_per_dim(model, x: torch.Tensor, **options) -> tuple[float, float, str]:
+    """(mean, standard error, estimator) of the test bpd; NaNs where the model's
+    log-density is not finite (a diverged model, or a step that is not invertible)."""
+    try:
+        bpd = model.bits_per_dim(x, batch_size=128, **options)
+    except NonFiniteDensityError as error:
+        print(f"  {error}", flush=True)
+        return math.nan, math.nan, "non-finite"
+    return bpd.mean, bpd.stderr, bpd.estimator
+
+
 def curve_point(trainer: Trainer, x_eval: torch.Tensor, seed: int) -> dict:
     torch.manual_seed(seed)
     with trainer.evaluation_weights():
-        bpd = trainer.model.bits_per_dim(x_eval, batch_size=128)
-    return {
-        "step": trainer.step,
-        "train_s": trainer.result.seconds,
-        "test_bpd": bpd.mean,
-        "test_se": bpd.stderr,
-    }
+        mean, stderr, _ = bits_per_dim(trainer.model, x_eval)
+    return {"step": trainer.step, "train_s": trainer.result.seconds, "test_bpd": mean,
+            "test_se": stderr}  # fmt: skip
 
 
 def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Path):
@@ -119,9 +131,14 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
     max_steps = config.steps or None
     x_eval = x_test[: config.eval_images] if config.eval_images > 0 else x_test
     curve = [curve_point(trainer, x_eval, config.seed)]
+    notes = []
     while trainer.result.seconds < budget and (max_steps is None or trainer.step < max_steps):
         chunk = min(config.eval_every, budget - trainer.result.seconds)
-        trainer.run(max_steps=max_steps, time_budget=chunk, progress=False)
+        try:
+            trainer.run(max_steps=max_steps, time_budget=chunk, progress=False)
+        except NonFiniteLossError as error:
+            notes.append(f"training stopped at step {trainer.step}: {error}")
+            print(f"  {notes[-1]}", flush=True)
         curve.append(curve_point(trainer, x_eval, config.seed))
         point = curve[-1]
         print(
@@ -129,6 +146,8 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
             f"test bpd {point['test_bpd']:.4f} ± {point['test_se']:.4f}",
             flush=True,
         )
+        if notes:
+            break
     result = trainer.result
     row = {
         "model": spec,
@@ -138,21 +157,31 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
         "train_img_s": result.images_per_second,
         "skipped": result.skipped,
     }
+    if result.skipped:
+        notes.append(f"{result.skipped} non-finite steps skipped")
     with trainer.evaluation_weights():
         torch.manual_seed(config.seed + 1)
-        bpd = model.bits_per_dim(x_test, batch_size=128)
-        row.update(test_bpd=bpd.mean, test_se=bpd.stderr, estimator=bpd.estimator)
-        if any(True for _ in model.residual_steps()):
+        mean, stderr, estimator = bits_per_dim(model, x_test)
+        row.update(test_bpd=mean, test_se=stderr, estimator=estimator)
+        if any(True for _ in model.residual_steps()) and not math.isnan(mean):
             torch.manual_seed(config.seed + 1)
-            unbiased = model.bits_per_dim(x_test, batch_size=128, estimator="roulette", n_terms=2)
-            row.update(unbiased_bpd=unbiased.mean, unbiased_se=unbiased.stderr)
-        else:  # exact log-dets: the figure is already unbiased
-            row.update(unbiased_bpd=bpd.mean, unbiased_se=bpd.stderr)
+            mean, stderr, _ = bits_per_dim(model, x_test, estimator="roulette", n_terms=2)
+        # else exact log-dets (the figure is already unbiased), or a failed model
+        row.update(unbiased_bpd=mean, unbiased_se=stderr)
+        if math.isnan(row["test_bpd"]):
+            notes.append("test log-density not finite")
         torch.manual_seed(config.seed + 2)
         start = time.perf_counter()
-        samples = model.sample(config.sample_n, temperature=config.temperature)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            samples = model.sample(config.sample_n, temperature=config.temperature)
         row["sample_img_s"] = config.sample_n / (time.perf_counter() - start)
-    save_grid(samples.cpu(), out / f"samples_{spec.replace(':', '_')}.png", nrow=8)
+        failed = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        if failed:
+            notes.append(f"sampling: {failed} fixed-point inverse(s) did not converge")
+    row["note"] = "; ".join(notes)
+    samples = torch.nan_to_num(samples.cpu(), nan=0.5).clamp(0, 1)
+    save_grid(samples, out / f"samples_{spec.replace(':', '_')}.png", nrow=8)
     print(
         f"{spec}: test {row['unbiased_bpd']:.4f} ± {row['unbiased_se']:.4f} bpd after "
         f"{result.steps} steps ({row['train_img_s']:.1f} img/s)",
@@ -180,8 +209,15 @@ def setting(config: Config, data: dict, device: torch.device) -> str:
     )
 
 
+def _bpd(mean: float, stderr: float) -> str:
+    return "non-finite" if math.isnan(mean) else f"{mean:.4f} ± {stderr:.4f}"
+
+
 def write_results(rows: list[dict], curves: dict, header: str, out: Path) -> None:
-    """``results.csv``, ``curves.csv`` and ``results.md``; prints the table."""
+    """``results.json`` (for ``resume``), ``results.csv``, ``curves.csv`` and
+    ``results.md``; prints the table."""
+    state = {"header": header, "rows": rows, "curves": curves}
+    (out / "results.json").write_text(json.dumps(state, indent=1))
     with (out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -196,14 +232,14 @@ def write_results(rows: list[dict], curves: dict, header: str, out: Path) -> Non
         header,
         "",
         "| model | test bpd ± SE (unbiased) | test bpd (training estimator) | parameters "
-        "| steps | train img/s | sample img/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| steps | train img/s | sample img/s | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['unbiased_bpd']:.4f} ± {r['unbiased_se']:.4f} "
-            f"| {r['test_bpd']:.4f} ± {r['test_se']:.4f} | {r['parameters']:,} | {r['steps']} "
-            f"| {r['train_img_s']:.1f} | {r['sample_img_s']:.1f} |"
+            f"| {r['model']} | {_bpd(r['unbiased_bpd'], r['unbiased_se'])} "
+            f"| {_bpd(r['test_bpd'], r['test_se'])} | {r['parameters']:,} | {r['steps']} "
+            f"| {r['train_img_s']:.1f} | {r['sample_img_s']:.1f} | {r['note']} |"
         )
     lines += [
         "",
@@ -262,7 +298,20 @@ def run(config: Config) -> list[dict]:
     header = setting(config, data, device)
     print(header, flush=True)
     rows, curves = [], {}
+    saved = out / "results.json"
+    if config.resume and saved.is_file():
+        state = json.loads(saved.read_text())
+        if state["header"] != header:
+            raise SystemExit(
+                f"error: {saved} was measured in another setting:\n  {state['header']}\n"
+                "use another out, or resume with the same settings"
+            )
+        rows = [r for r in state["rows"] if r["model"] in config.models]
+        curves = {r["model"]: state["curves"][r["model"]] for r in rows}
+        print(f"resuming: {', '.join(curves) or 'nothing'} already done", flush=True)
     for spec in config.models:
+        if spec in curves:
+            continue
         row, curve = run_one(spec, config, data, device, out)
         rows.append(row)
         curves[spec] = curve

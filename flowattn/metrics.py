@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "BitsPerDim",
+    "NonFiniteDensityError",
     "ReconstructionError",
     "bits_per_dim",
     "reconstruction_error",
@@ -74,6 +75,11 @@ class BitsPerDim:
         )
 
 
+class NonFiniteDensityError(ValueError):
+    """A model's log-density is infinite or NaN on some images (it diverged, or an
+    uncertified step is not invertible there)."""
+
+
 def summarize_bits_per_dim(values: Tensor, estimator: str) -> BitsPerDim:
     """Mean and standard error of per-image values (images, repeats) -> :class:`BitsPerDim`.
 
@@ -85,7 +91,11 @@ def summarize_bits_per_dim(values: Tensor, estimator: str) -> BitsPerDim:
         raise ValueError(f"expected values of shape (images, repeats), got {tuple(values.shape)}")
     values = values.double()
     if not torch.isfinite(values).all():
-        raise ValueError("non-finite bits-per-dim values: the model's log-density is not finite")
+        bad = int((~torch.isfinite(values)).any(dim=1).sum())
+        raise NonFiniteDensityError(
+            f"non-finite bits-per-dim for {bad} of {values.shape[0]} images: the model's "
+            "log-density is not finite there"
+        )
     per_image = values.mean(dim=1)
     n, r = values.shape
     if n > 1:

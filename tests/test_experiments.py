@@ -148,3 +148,31 @@ def test_unknown_config_key_suggests_the_closest(tmp_path):
 def test_missing_dataset_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="SVHN not found"):
         density.main(["--dataset", "svhn", "--root", str(tmp_path), "--models", "glow"])
+
+
+def test_density_resume_keeps_finished_models(tmp_path, capsys):
+    common_flags = ["--dataset", "digits", "--budget", "0.01", "--eval-every", "0.6",
+                    "--eval-images", "16", "--test-images", "32", "--sample-n", "2",
+                    "--threads", str(torch.get_num_threads()), "--device", "cpu",
+                    "--out", str(tmp_path)]  # fmt: skip
+    density.main(["--models", "glow", *common_flags])
+    first = _rows(tmp_path / "results.csv")
+    density.main(["--models", "glow,glow-attn", "--resume", "true", *common_flags])
+    assert "resuming: glow already done" in capsys.readouterr().out
+    rows = _rows(tmp_path / "results.csv")
+    assert [r["model"] for r in rows] == ["glow", "glow-attn"]
+    assert rows[0] == first[0]  # kept, not retrained
+    with pytest.raises(SystemExit, match="another setting"):
+        density.main(["--models", "glow", "--resume", "true", "--lr", "0.5", *common_flags])
+
+
+def test_density_reports_non_finite_models_as_such():
+    class Diverged:
+        def bits_per_dim(self, x, **options):
+            from flowattn.metrics import summarize_bits_per_dim
+
+            return summarize_bits_per_dim(torch.tensor([[float("inf")]]), "series")
+
+    mean, stderr, estimator = density.bits_per_dim(Diverged(), torch.zeros(1))
+    assert mean != mean and stderr != stderr and estimator == "non-finite"
+    assert density._bpd(mean, stderr) == "non-finite"

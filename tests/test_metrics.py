@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from flowattn.metrics import bits_per_dim, reconstruction_error, summarize_bits_per_dim
+from flowattn.metrics import (
+    NonFiniteDensityError,
+    bits_per_dim,
+    reconstruction_error,
+    summarize_bits_per_dim,
+)
 
 
 def test_bits_per_dim_by_hand():
@@ -23,8 +28,8 @@ def test_summary_mean_and_standard_error():
     single = summarize_bits_per_dim(torch.tensor([[1.0, 3.0]]), "x")
     assert single.stderr == pytest.approx(math.sqrt(2.0) / math.sqrt(2))
     assert math.isnan(summarize_bits_per_dim(torch.tensor([[1.0]]), "x").stderr)
-    with pytest.raises(ValueError, match="non-finite"):
-        summarize_bits_per_dim(torch.tensor([[math.inf]]), "x")
+    with pytest.raises(NonFiniteDensityError, match="for 2 of 3 images"):
+        summarize_bits_per_dim(torch.tensor([[math.inf, 1.0], [2.0, 2.0], [math.nan, 0]]), "x")
 
 
 def test_reconstruction_error_levels_and_psnr():
