@@ -264,7 +264,8 @@ def plot_curves(curves: dict, header: str, path: Path) -> None:
         bpd = [p["test_bpd"] for p in points]
         finite += bpd[1:]
         style = "--" if spec.startswith("glow") else "-"
-        ax.plot(t, bpd, style, marker="o", markersize=3, label=spec)
+        label = spec if len(points) > 1 else f"{spec} (non-finite: not shown)"
+        ax.plot(t, bpd, style, marker="o", markersize=3, label=label)
     if finite:  # the first evaluation (untrained) would squash the rest of the plot
         low, high = min(finite), sorted(finite)[int(0.9 * (len(finite) - 1))]
         ax.set_ylim(low - 0.05 * (high - low + 0.1), high + 0.3 * (high - low + 0.1))

@@ -265,7 +265,7 @@ COLUMNS = (
     ("iterations", "inverse iterations"),
     ("residual", "final residual"),
     ("converged", "converged"),
-    ("max_abs_levels", "max |error| (levels)"),
+    ("max_abs_levels", "max abs error (levels)"),
     ("psnr_db", "PSNR (dB)"),
     ("exact_uint8", "pixels exact after rounding"),
     ("exact_images", "images exact after rounding"),
@@ -283,7 +283,7 @@ def _cell(key: str, value) -> str:
         if key in ("residual",):
             return f"{value:.1e}"
         if key == "max_abs_levels":
-            return f"{value:.2g}"
+            return f"{value:.3g}"
         if key == "local_lip2":
             return f"{value:.3g}"
         return f"{value:.3f}" if key != "psnr_db" else f"{value:.1f}"
