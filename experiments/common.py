@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor
 
 from flowattn.data import load_dataset, stack_images
@@ -85,6 +86,14 @@ def quiet_known_warnings() -> None:
     # nflows' LU 1x1 convolution calls torch.triangular_solve (deprecated, still correct)
     warnings.filterwarnings("ignore", message="torch.triangular_solve is deprecated")
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+
+
+def set_threads(threads: int) -> None:
+    """Sets torch's CPU threads, only when that changes them: with torch 2.15's MKL, any
+    call to torch.set_num_threads breaks batched LU factorisations for the rest of the
+    process (flowattn itself avoids batched LU)."""
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
 
 
 def describe_size(image_size: int) -> str:

@@ -37,6 +37,7 @@ from common import (
     ensure_dir,
     load_images,
     quiet_known_warnings,
+    set_threads,
 )
 
 from flowattn.metrics import NonFiniteDensityError
@@ -288,7 +289,7 @@ def _wrap(text: str, width: int) -> list[str]:
 def run(config: Config) -> list[dict]:
     for spec in config.models:  # check every model's options before training any
         model_config(spec, config, (3, 32, 32))
-    torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     device = resolve_device(config.device)
     out = ensure_dir(config.out)
     images = {"root": config.root, "image_size": config.image_size}

@@ -46,6 +46,7 @@ from common import (
     ensure_dir,
     load_images,
     quiet_known_warnings,
+    set_threads,
 )
 from nflows.transforms import SqueezeTransform
 from torch import Tensor, nn
@@ -199,7 +200,7 @@ def run(config: Config, progress: bool = True) -> list[dict]:
     unknown = [k for k in config.kinds if k not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
-    torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     out = ensure_dir(config.out)
     data = {"root": config.root, "image_size": config.image_size}
     x_train = load_images(config.dataset, "train", limit=config.train_images, **data)

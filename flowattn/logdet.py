@@ -169,7 +169,10 @@ class ExactLogDet(LogDetEstimator):
     def estimate(self, gx: Tensor, x: Tensor, *, create_graph: bool) -> Tensor:
         jac = dense_jacobian(gx, x, create_graph=create_graph)
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
-        return torch.linalg.slogdet(eye + jac).logabsdet
+        # One matrix at a time: with torch 2.15's MKL, the batched LU behind a batched
+        # slogdet returns wrong values on CPU (D >= 192) once torch.set_num_threads has
+        # been called, while the single-matrix LU stays right (tests/test_logdet.py).
+        return torch.stack([torch.linalg.slogdet(eye + j).logabsdet for j in jac])
 
     def describe(self) -> str:
         return "exact (dense Jacobian)"

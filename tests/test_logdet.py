@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,3 +153,23 @@ def test_probes_and_bad_arguments():
         RussianRouletteLogDet(distribution="binomial")
     with pytest.raises(ValueError, match="converges"):
         series_truncation_bound(1.0, 3, 4)
+
+
+def test_exact_logdet_is_right_after_set_num_threads():
+    # torch 2.15's MKL returns wrong batched LU factorisations (D >= 192) once
+    # torch.set_num_threads has been called; the exact estimator must not depend on them.
+    # In a subprocess: the call changes the whole process.
+    code = (
+        "import torch\n"
+        "from flowattn.logdet import ExactLogDet\n"
+        "torch.set_num_threads(2)\n"
+        "torch.manual_seed(0)\n"
+        "w = 0.05 * torch.randn(192, 192, dtype=torch.float64)\n"
+        "x = torch.randn(3, 192, dtype=torch.float64)\n"
+        "_, logdet = ExactLogDet()(lambda v: v @ w.T, x)\n"
+        "reference = torch.linalg.slogdet(torch.eye(192, dtype=torch.float64) + w).logabsdet\n"
+        "print(float((logdet - reference).abs().max()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-9
