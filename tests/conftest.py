@@ -1,5 +1,12 @@
+from pathlib import Path
+
+import numpy as np
 import pytest
+import scipy.io
 import torch
+from PIL import Image
+
+_rng = np.random.default_rng(0)
 
 
 @pytest.fixture(autouse=True)
@@ -23,3 +30,40 @@ def stress_weights(module: torch.nn.Module, scale: float = 3.0) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.mul_(scale)
+
+
+def write_svhn(root: Path, split: str, n: int = 5, x=None) -> np.ndarray:
+    """Writes SVHN's torchvision file {split}_32x32.mat (HWCN uint8, labels 1..10)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if x is None:
+        x = _rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = np.arange(1, n + 1, dtype=np.uint8).reshape(n, 1) % 10 + 1  # labels 1..10
+    scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
+    return x
+
+
+def write_celeba(root: Path, n: int = 6) -> Path:
+    """Writes a CelebA folder in torchvision's layout: JPEGs and the five annotation files."""
+    folder = root / "celeba"
+    images = folder / "img_align_celeba"
+    images.mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
+    for name in names:
+        pixels = _rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / name, quality=95)
+    partition = [0, 0, 0, 1, 2, 2][:n]
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{f} {p}\n" for f, p in zip(names, partition, strict=True))
+    )
+    (folder / "identity_CelebA.txt").write_text("".join(f"{f} 1\n" for f in names))
+    attrs = "5_o_Clock_Shadow Smiling"
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{n}\n{attrs}\n" + "".join(f"{f} -1  1\n" for f in names)
+    )
+    (folder / "list_bbox_celeba.txt").write_text(
+        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{f} 1 2 3 4\n" for f in names)
+    )
+    (folder / "list_landmarks_align_celeba.txt").write_text(
+        f"{n}\nlefteye_x lefteye_y\n" + "".join(f"{f} 69 109\n" for f in names)
+    )
+    return images

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.io
 import torch
+from conftest import write_celeba, write_svhn
 from PIL import Image
 
 from flowattn.data import (
@@ -78,17 +78,8 @@ def test_cifar10_missing_and_corrupted(tmp_path):
         load_dataset("cifar10", "train", root=tmp_path)
 
 
-def _write_svhn(root: Path, split: str, n: int = 5, x=None) -> np.ndarray:
-    root.mkdir(parents=True, exist_ok=True)
-    if x is None:
-        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-    y = np.arange(1, n + 1, dtype=np.uint8).reshape(n, 1) % 10 + 1  # labels 1..10
-    scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
-    return x
-
-
 def test_svhn_mat_files(tmp_path):
-    x = _write_svhn(tmp_path, "test")
+    x = write_svhn(tmp_path, "test")
     ds = load_dataset("svhn", "test", root=tmp_path)
     assert len(ds) == 5
     image, label = ds[1]
@@ -102,40 +93,14 @@ def test_svhn_bad_files(tmp_path):
     (tmp_path / "train_32x32.mat").write_bytes(b"not a mat file at all")
     with pytest.raises(DataError, match="train_32x32.mat"):
         load_dataset("svhn", "train", root=tmp_path)
-    _write_svhn(tmp_path / "f", "test", x=np.zeros((32, 32, 3, 2), dtype=np.float64))
+    write_svhn(tmp_path / "f", "test", x=np.zeros((32, 32, 3, 2), dtype=np.float64))
     with pytest.raises(DataError, match="uint8"):
         load_dataset("svhn", "test", root=tmp_path / "f")
 
 
-def _write_celeba(root: Path, n: int = 6) -> Path:
-    folder = root / "celeba"
-    images = folder / "img_align_celeba"
-    images.mkdir(parents=True)
-    names = [f"{i:06d}.jpg" for i in range(1, n + 1)]
-    for name in names:
-        pixels = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(images / name, quality=95)
-    partition = [0, 0, 0, 1, 2, 2][:n]
-    (folder / "list_eval_partition.txt").write_text(
-        "".join(f"{f} {p}\n" for f, p in zip(names, partition, strict=True))
-    )
-    (folder / "identity_CelebA.txt").write_text("".join(f"{f} 1\n" for f in names))
-    attrs = "5_o_Clock_Shadow Smiling"
-    (folder / "list_attr_celeba.txt").write_text(
-        f"{n}\n{attrs}\n" + "".join(f"{f} -1  1\n" for f in names)
-    )
-    (folder / "list_bbox_celeba.txt").write_text(
-        f"{n}\nimage_id x_1 y_1 width height\n" + "".join(f"{f} 1 2 3 4\n" for f in names)
-    )
-    (folder / "list_landmarks_align_celeba.txt").write_text(
-        f"{n}\nlefteye_x lefteye_y\n" + "".join(f"{f} 69 109\n" for f in names)
-    )
-    return images
-
-
 @pytest.mark.parametrize("size", [32, 64])
 def test_celeba_folder_of_jpegs(tmp_path, size):
-    images = _write_celeba(tmp_path)
+    images = write_celeba(tmp_path)
     train = load_dataset("celeba", "train", root=tmp_path, image_size=size)
     test = load_dataset("celeba", "test", root=tmp_path, image_size=size)
     assert (len(train), len(test)) == (3, 2)
@@ -150,7 +115,7 @@ def test_celeba_folder_of_jpegs(tmp_path, size):
 def test_celeba_missing_and_corrupted(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="img_align_celeba"):
         load_dataset("celeba", root=tmp_path)
-    images = _write_celeba(tmp_path)
+    images = write_celeba(tmp_path)
     (images / "000002.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
     ds = load_dataset("celeba", "train", root=tmp_path, image_size=32)
     with pytest.raises(DataError, match="000002.jpg"):

@@ -176,3 +176,22 @@ def test_density_reports_non_finite_models_as_such():
     mean, stderr, estimator = density.bits_per_dim(Diverged(), torch.zeros(1))
     assert mean != mean and stderr != stderr and estimator == "non-finite"
     assert density._bpd(mean, stderr) == "non-finite"
+
+
+def test_svhn_and_celeba_configs_run_on_files_in_torchvision_layouts(tmp_path):
+    from conftest import write_celeba, write_svhn
+
+    write_svhn(tmp_path / "svhn", "train", n=8)
+    write_svhn(tmp_path / "svhn", "test", n=4)
+    write_celeba(tmp_path / "celeba")  # 3 train, 1 valid, 2 test JPEGs of 218 x 178
+    for name in ("svhn", "celeba"):
+        out = tmp_path / f"out-{name}"
+        invertibility.main(
+            ["--config", str(ROOT / f"experiments/configs/invertibility/{name}.toml"),
+             "--root", str(tmp_path / name), "--kinds", "external", "--steps", "2",
+             "--batch-size", "2", "--test-images", "2", "--show", "2", "--no-progress",
+             "--threads", str(torch.get_num_threads()), "--out", str(out)]
+        )  # fmt: skip
+        row = _rows(out / "results.csv")[0]
+        assert row["exact_images"] == "2/2"
+        assert "32x32" in (out / "results.md").read_text() or name == "svhn"
