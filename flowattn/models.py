@@ -69,6 +69,7 @@ from torch import Tensor
 
 from .logdet import ESTIMATORS, LogDetEstimator, make_estimator
 from .metrics import BitsPerDim, bits_per_dim, summarize_bits_per_dim
+from .names import check_names
 from .solvers import SOLVERS
 from .transforms.attention import KINDS, invertible_attention
 from .transforms.coupling import glow_step
@@ -149,12 +150,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Builds and resolves a config; unknown keys raise a ValueError naming the closest."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown model option {key!r}{hint}")
+        check_names(values, [f.name for f in dataclasses.fields(cls)], "model option")
         return cls(**values).resolved()
 
     @classmethod

@@ -13,7 +13,6 @@ from __future__ import annotations
 __all__ = ["RunConfig", "RunSummary", "load_run_model", "run_training"]
 
 import dataclasses
-import difflib
 import hashlib
 import math
 import time
@@ -28,6 +27,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .data import load_dataset, stack_images
 from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, build_model
+from .names import check_names
 from .training import NonFiniteLossError, Trainer
 
 
@@ -90,12 +90,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Builds a config; an unknown key raises a ValueError naming the closest."""
-        names = cls.fields()
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown config key {key!r}{hint}")
+        check_names(values, cls.fields(), "config key")
         config = cls(**values)
         config.check()
         return config

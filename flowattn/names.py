@@ -1,0 +1,34 @@
+"""Checking given names (config keys, options) against the valid ones.
+
+An unknown name raises a ValueError that suggests the closest valid one, so that a
+typo in a config file or a keyword says what was meant.
+"""
+
+from __future__ import annotations
+
+__all__ = ["check_names"]
+
+import difflib
+from collections.abc import Iterable, Sequence
+
+
+def check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
+    """Raises a ValueError for the first of ``names`` not in ``valid``.
+
+    Arguments:
+        names: The names given.
+        valid: The names allowed.
+        what: What a name is, for the message (``"config key"``, ``"model option"``).
+
+    Examples:
+        >>> check_names(["steps"], ["steps", "lr"], "config key")
+        >>> check_names(["stepz"], ["steps", "lr"], "config key")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown config key 'stepz'; did you mean 'steps'?
+    """
+    for name in names:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown {what} {name!r}{hint}")
