@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import tomllib
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from flowattn.data import load_dataset, stack_images
+from flowattn.names import check_names
 
 T = TypeVar("T")
 
@@ -54,12 +54,10 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     if args.config:
         with open(args.config, "rb") as f:
             values = tomllib.load(f)
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise SystemExit(f"error: {args.config}: unknown key {key!r}{hint}")
+        try:
+            check_names(values, [f.name for f in dataclasses.fields(cls)], "key")
+        except ValueError as error:
+            raise SystemExit(f"error: {args.config}: {error}") from None
     defaults = cls()
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
@@ -70,15 +68,22 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     return cls(**values)
 
 
-def load_images(dataset: str, split: str, *, root: str, image_size: int, limit: int) -> Tensor:
-    """uint8 images (N, C, H, W): the first ``limit`` (0: all) of a dataset's split.
+@dataclasses.dataclass
+class DataConfig:
+    """The data settings every experiment has (the first fields of its config)."""
 
-    ``root`` "" means the default ($FLOWATTN_DATA or ./data); ``image_size`` 0 keeps
-    the dataset's own size (it resizes ``celeba`` and image folders).
-    """
-    options = {"image_size": image_size} if image_size else {}
-    data = load_dataset(dataset, split, root=root or None, **options)
-    return stack_images(data, limit if limit > 0 else None)
+    dataset: str = "../shared/data/cifar10/cifar10_subset.npz"
+    root: str = ""  # torchvision root; "": $FLOWATTN_DATA or ./data
+    image_size: int = 0  # resize to this (celeba, folder); 0: the dataset's own size
+    train_images: int = 0  # 0: all
+    test_images: int = 0  # 0: all
+
+    def images(self, split: str) -> Tensor:
+        """uint8 images (N, C, H, W) of ``train`` or ``test``, as many as the config says."""
+        options = {"image_size": self.image_size} if self.image_size else {}
+        data = load_dataset(self.dataset, split, root=self.root or None, **options)
+        limit = self.train_images if split == "train" else self.test_images
+        return stack_images(data, limit if limit > 0 else None)
 
 
 def quiet_known_warnings() -> None:

@@ -24,6 +24,7 @@ import argparse
 import csv
 import json
 import math
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ from pathlib import Path
 
 import torch
 from common import (
+    DataConfig,
     add_config_flags,
     config_from_args,
     describe_size,
     ensure_dir,
-    load_images,
     quiet_known_warnings,
     set_threads,
 )
@@ -52,14 +53,10 @@ MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-
 
 
 @dataclass
-class Config:
-    """One run's settings (the keys of a config file, and the flags)."""
+class Config(DataConfig):
+    """One run's settings (the keys of a config file, and the flags); ``test_images`` are
+    those of the final evaluation."""
 
-    dataset: str = "../shared/data/cifar10/cifar10_subset.npz"
-    root: str = ""  # torchvision root; "": $FLOWATTN_DATA or ./data
-    image_size: int = 0  # resize to this (celeba, folder); 0: the dataset's own size
-    train_images: int = 0  # 0: all
-    test_images: int = 0  # final evaluation; 0: all
     eval_images: int = 256  # images of each evaluation along the curve
     models: list[str] = field(default_factory=lambda: list(MODELS))
     model: dict = field(default_factory=lambda: {"size": "tiny"})  # options of every model
@@ -272,7 +269,7 @@ def plot_curves(curves: dict, header: str, path: Path) -> None:
         ax.set_ylim(low - 0.05 * (high - low + 0.1), high + 0.3 * (high - low + 0.1))
     ax.set_xlabel("training wall time (min)")
     ax.set_ylabel("test bits/dim (EMA weights)")
-    ax.set_title("\n".join(_wrap(header, 110)), fontsize=7, loc="left")
+    ax.set_title("\n".join(textwrap.wrap(header, 110)), fontsize=7, loc="left")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -280,23 +277,13 @@ def plot_curves(curves: dict, header: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width)
-
-
 def run(config: Config) -> list[dict]:
-    for spec in config.models:  # check every model's options before training any
-        model_config(spec, config, (3, 32, 32))
     set_threads(config.threads)
     device = resolve_device(config.device)
+    data = {"train": config.images("train"), "test": config.images("test")}
+    for spec in config.models:  # check every model's options before training any
+        model_config(spec, config, tuple(data["train"].shape[1:]))
     out = ensure_dir(config.out)
-    images = {"root": config.root, "image_size": config.image_size}
-    data = {
-        "train": load_images(config.dataset, "train", limit=config.train_images, **images),
-        "test": load_images(config.dataset, "test", limit=config.test_images, **images),
-    }
     header = setting(config, data, device)
     print(header, flush=True)
     rows, curves = [], {}

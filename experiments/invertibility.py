@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 from common import (
+    DataConfig,
     add_config_flags,
     config_from_args,
     describe_size,
     ensure_dir,
-    load_images,
     quiet_known_warnings,
     set_threads,
 )
@@ -105,13 +105,9 @@ def build_step(variant: str, channels: int, coeff: float) -> ResidualTransform:
 
 
 @dataclass
-class Config:
+class Config(DataConfig):
     """One dataset's settings (the keys of a config file, and the flags)."""
 
-    dataset: str = "../shared/data/cifar10/cifar10_subset.npz"
-    root: str = ""  # torchvision root; "": $FLOWATTN_DATA or ./data
-    image_size: int = 0  # resize to this (celeba, folder); 0: the dataset's own size
-    train_images: int = 0  # 0: all
     test_images: int = 64
     steps: int = 500
     batch_size: int = 32
@@ -167,7 +163,7 @@ def evaluate(
         "converged": solve.converged,
         "inverse_s": seconds,
     }
-    bound = step.lipschitz_bound(num_pixels=s.shape[-1] * s.shape[-2]) if _has_bound(step) else None
+    bound = step.lipschitz_bound(num_pixels=s.shape[-1] * s.shape[-2])  # None: uncertified
     norm = getattr(step.branch, "certified_norm", None)
     row["certified_bound"] = "none" if bound is None else f"{bound:.3f} (l-{norm})"
     local = jacobian_spectral_norm(step.branch, s[:16].detach(), n_iter=30)
@@ -191,10 +187,6 @@ def evaluate(
     return row, torch.nan_to_num(x_hat, nan=0.5).clamp(0, 1)
 
 
-def _has_bound(step: ResidualTransform) -> bool:
-    return callable(getattr(step.branch, "lipschitz_bound", None))
-
-
 def run(config: Config, progress: bool = True) -> list[dict]:
     """Trains and inverts every variant; writes the table and figures; returns the rows."""
     unknown = [k for k in config.kinds if k not in VARIANTS]
@@ -202,9 +194,7 @@ def run(config: Config, progress: bool = True) -> list[dict]:
         raise SystemExit(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
     set_threads(config.threads)
     out = ensure_dir(config.out)
-    data = {"root": config.root, "image_size": config.image_size}
-    x_train = load_images(config.dataset, "train", limit=config.train_images, **data)
-    x_test = load_images(config.dataset, "test", limit=config.test_images, **data)
+    x_train, x_test = config.images("train"), config.images("test")
     squeeze = SqueezeTransform(2)
     with torch.no_grad():
         s_train, _ = squeeze(x_train.float() / 255)
