@@ -18,14 +18,16 @@ from __future__ import annotations
 __all__ = [
     "BitsPerDim",
     "NonFiniteDensityError",
+    "PairedDifference",
     "ReconstructionError",
     "bits_per_dim",
+    "paired_difference",
     "reconstruction_error",
     "summarize_bits_per_dim",
 ]
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -54,12 +56,24 @@ class BitsPerDim:
 
     Attributes:
         mean: Mean bits-per-dim over images (and repeats).
-        stderr: Standard error of the mean, over images (with ``repeats`` > 1 each
-            image's value is first averaged over its repeats, so the error includes
-            the dequantisation and probe noise). NaN for a single image and repeat.
+        stderr: Standard error of the mean over images (each image's value first averaged
+            over its repeats), so it includes the dequantisation and log-det estimator
+            noise. It is a valid standard error when the per-image values are independent
+            and of finite variance: exact log-dets, or a Russian roulette with per-sample
+            draws and a certified variance (see :attr:`error_bar_certified`). NaN for a
+            single image and repeat.
         estimator: The log-det estimator(s) used, saying whether biased.
         images: Number of images.
         repeats: Dequantisation / probe draws per image.
+        bias_bound: A certified bound on the absolute bias of :attr:`mean` in bits/dim
+            coming from the log-det estimator: 0 for exact or unbiased estimators, the
+            truncation bound of a power series (from the steps' certified Lipschitz
+            bounds), or ``inf`` when no bound is known (an uncertified step).
+        error_bar_certified: Whether :attr:`stderr` is backed by the estimator's
+            guarantees (False for a roulette whose variance is not certified finite).
+        values: The per-image values (images,), each averaged over its repeats, for
+            paired comparisons (:func:`paired_difference`).
+        seconds: Wall-clock seconds the evaluation took (NaN if not timed).
     """
 
     mean: float
@@ -67,12 +81,85 @@ class BitsPerDim:
     estimator: str
     images: int
     repeats: int
+    bias_bound: float = 0.0
+    error_bar_certified: bool = True
+    values: Tensor | None = field(default=None, repr=False, compare=False)
+    seconds: float = field(default=math.nan, compare=False)
+
+    @property
+    def unbiased(self) -> bool:
+        """Whether the figure is exact or unbiased (no estimator bias)."""
+        return self.bias_bound == 0.0
 
     def __str__(self) -> str:
-        return (
+        draws = "draw" if self.repeats == 1 else "draws"
+        text = (
             f"{self.mean:.4f} ± {self.stderr:.4f} bits/dim ({self.images} images x "
-            f"{self.repeats} draws; log-det: {self.estimator})"
+            f"{self.repeats} {draws}; log-det: {self.estimator})"
         )
+        if math.isinf(self.bias_bound):
+            text += "; BIASED by an unknown amount (a step has no certified Lipschitz bound)"
+        elif self.bias_bound > 0:
+            text += (
+                f"; BIASED: the truncated series may be off by up to {self.bias_bound:.4g} "
+                "bits/dim (certified bound), beyond the error bar"
+            )
+        if not self.error_bar_certified:
+            text += "; error bar not certified (estimator variance not proven finite)"
+        return text
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The difference of two models' bits-per-dim over the same images and dequantisation
+    draws, ``a - b``, with the standard error of the per-image differences.
+
+    Attributes:
+        mean: Mean per-image difference, bits/dim (negative: ``a`` is better).
+        stderr: Standard error of the mean difference.
+        images: Number of paired images.
+    """
+
+    mean: float
+    stderr: float
+    images: int
+
+    @property
+    def z(self) -> float:
+        """mean / stderr."""
+        return self.mean / self.stderr if self.stderr > 0 else math.copysign(math.inf, self.mean)
+
+    def significant(self, z: float = 2.0) -> bool:
+        """Whether the difference is more than ``z`` standard errors from zero."""
+        return abs(self.z) > z
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.4f} ± {self.stderr:.4f} bits/dim ({self.images} paired images)"
+
+
+def paired_difference(a: BitsPerDim, b: BitsPerDim) -> PairedDifference:
+    """``a - b`` over the same images: the two figures must come from the same images in
+    the same order and the same dequantisation seed (``bits_per_dim(..., seed=s)``), so the
+    image-to-image spread cancels and only the models' difference (and estimator noise)
+    is left in the standard error.
+
+    Examples:
+        >>> a = summarize_bits_per_dim(torch.tensor([[3.0], [5.0], [4.0]]), "exact")
+        >>> b = summarize_bits_per_dim(torch.tensor([[3.5], [5.4], [4.6]]), "exact")
+        >>> d = paired_difference(a, b)
+        >>> round(d.mean, 4), d.significant()
+        (-0.5, True)
+    """
+    if a.values is None or b.values is None:
+        raise ValueError("paired_difference needs figures that keep their per-image values")
+    if a.values.shape != b.values.shape:
+        raise ValueError(
+            f"paired_difference needs the same images: got {a.images} and {b.images} images"
+        )
+    diff = (a.values - b.values).double()
+    n = diff.numel()
+    stderr = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+    return PairedDifference(float(diff.mean()), stderr, n)
 
 
 class NonFiniteDensityError(ValueError):
@@ -80,7 +167,13 @@ class NonFiniteDensityError(ValueError):
     uncertified step is not invertible there)."""
 
 
-def summarize_bits_per_dim(values: Tensor, estimator: str) -> BitsPerDim:
+def summarize_bits_per_dim(
+    values: Tensor,
+    estimator: str,
+    *,
+    bias_bound: float = 0.0,
+    error_bar_certified: bool = True,
+) -> BitsPerDim:
     """Mean and standard error of per-image values (images, repeats) -> :class:`BitsPerDim`.
 
     Examples:
@@ -104,7 +197,16 @@ def summarize_bits_per_dim(values: Tensor, estimator: str) -> BitsPerDim:
         stderr = float(values[0].std(unbiased=True) / math.sqrt(r))
     else:
         stderr = math.nan
-    return BitsPerDim(float(per_image.mean()), stderr, estimator, n, r)
+    return BitsPerDim(
+        float(per_image.mean()),
+        stderr,
+        estimator,
+        n,
+        r,
+        bias_bound=bias_bound,
+        error_bar_certified=error_bar_certified,
+        values=per_image,
+    )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ reproduces the input), and a standard normal base distribution on the flattened
 latent. Presets:
 
 * ``iresnet``: i-ResNet (Behrmann et al., 2019): ActNorm + certified convolutional
-  residual block (ELU), truncated power-series log-det.
+  residual block (ELU). It trains with the unbiased Russian-roulette log-det by default
+  (``estimator="series"`` gives i-ResNet's truncated series, whose bias training can
+  exploit: see :meth:`DensityModel.series_bias_bound`).
 * ``iresnet-attn``: i-ResNet with an invertible attention step at the end of the first
   scale, as in Zha et al. (2021); ``attention`` picks the kind (default ``external``).
 * ``resflow``: Residual Flows (Chen et al., 2019): LipSwish, unbiased Russian-roulette
@@ -37,6 +39,7 @@ References:
 from __future__ import annotations
 
 __all__ = [
+    "EXACT_MAX_DIMS",
     "PRESETS",
     "SIZES",
     "DensityModel",
@@ -48,6 +51,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,11 +71,19 @@ from nflows.transforms import (
 )
 from torch import Tensor
 
-from .logdet import ESTIMATORS, LogDetEstimator, make_estimator
+from .logdet import (
+    ESTIMATORS,
+    ExactLogDet,
+    LogDetEstimator,
+    PowerSeriesLogDet,
+    RussianRouletteLogDet,
+    make_estimator,
+    series_truncation_bound,
+)
 from .metrics import BitsPerDim, bits_per_dim, summarize_bits_per_dim
 from .names import check_names
 from .solvers import SOLVERS
-from .transforms.attention import KINDS, invertible_attention
+from .transforms.attention import CERTIFIED_KINDS, KINDS, invertible_attention
 from .transforms.coupling import glow_step
 from .transforms.iresnet import ACTIVATIONS, ConvResidualBranch
 from .transforms.preprocess import LogitTransform, UniformDequantization
@@ -84,13 +96,17 @@ SIZES = {
     "paper": {"scales": 3, "blocks": 16, "hidden": 512},
 }
 ORDINARY_ATTENTION = ("sagan",)
+#: Images of at most this many values are evaluated with the exact log-det by default.
+EXACT_MAX_DIMS = 256
+#: Images per block of dequantisation noise drawn from one seeded generator.
+NOISE_CHUNK = 1024
 PREPROCESSING = ("logit", "shift")
 
 _PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "iresnet": {"activation": "elu", "estimator": "series", "preprocess": "logit"},
+    "iresnet": {"activation": "elu", "estimator": "roulette", "preprocess": "logit"},
     "iresnet-attn": {
         "activation": "elu",
-        "estimator": "series",
+        "estimator": "roulette",
         "attention": "external",
         "preprocess": "logit",
     },
@@ -117,8 +133,13 @@ class ModelConfig:
             :data:`~flowattn.transforms.KINDS`), ``sagan`` (Glow presets), or None.
         attention_coeff: Lipschitz coefficient of the invertible attention step.
         attention_options: Extra branch options (``heads``, ``slots``, ``reduction``...).
-        estimator: ``series``, ``roulette`` or ``exact`` (residual presets).
-        n_terms: Series terms, or exact leading terms of the roulette.
+        estimator: The training log-det estimator of residual presets: ``roulette``
+            (default: unbiased, geometric number of terms chosen from the certified
+            bounds ``coeff`` and ``attention_coeff`` so its variance is finite, one draw
+            per batch, Neumann gradient), ``series`` (truncated: biased, and training
+            can exploit the bias) or ``exact``.
+        n_terms: Series terms (default 5), or exact leading terms of the roulette
+            (default 2).
         n_probes: Hutchinson probes per sample.
         estimator_options: Extra estimator options (``gradient``, ``memory_efficient``...).
         solver: Fixed-point solver of the inverses (``anderson`` or ``banach``).
@@ -139,7 +160,7 @@ class ModelConfig:
     attention_coeff: float = 0.9
     attention_options: dict[str, Any] = field(default_factory=dict)
     estimator: str | None = None
-    n_terms: int = 5
+    n_terms: int | None = None
     n_probes: int = 1
     estimator_options: dict[str, Any] = field(default_factory=dict)
     solver: str = "anderson"
@@ -184,6 +205,8 @@ class ModelConfig:
         for key, value in {**SIZES[self.size], **_PRESET_DEFAULTS[self.preset]}.items():
             if values[key] is None:
                 values[key] = value
+        if values["n_terms"] is None:
+            values["n_terms"] = 2 if values["estimator"] == "roulette" else 5
         if values["attention"] in ("none", ""):
             values["attention"] = None
         values["image_shape"] = tuple(int(s) for s in values["image_shape"])
@@ -231,27 +254,36 @@ class ModelConfig:
 
 
 def _residual_level(config: ModelConfig, channels: int, level: int) -> list[Transform]:
-    def estimator() -> LogDetEstimator:
-        return make_estimator(
-            config.estimator,
-            n_terms=config.n_terms,
-            n_probes=config.n_probes,
-            **config.estimator_options,
-        )
+    def estimator(lipschitz: float) -> LogDetEstimator:
+        options = {"n_terms": config.n_terms, "n_probes": config.n_probes}
+        if config.estimator == "roulette":
+            # the branches' bounds (<= coeff by construction) choose a finite-variance
+            # roulette; training shares one draw per batch (unbiased batch mean, fewer terms)
+            options.update(lipschitz=lipschitz, per_sample=False)
+        return make_estimator(config.estimator, **{**options, **config.estimator_options})
 
     steps: list[Transform] = []
     for _ in range(config.blocks):
         branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
         steps += [
             ActNorm(channels),
-            ResidualTransform(branch, estimator(), solver=config.solver, max_iter=config.max_iter),
+            ResidualTransform(
+                branch, estimator(config.coeff), solver=config.solver, max_iter=config.max_iter
+            ),
         ]
     if level == 0 and config.attention is not None:
+        if config.attention in CERTIFIED_KINDS or config.estimator != "roulette":
+            attention_estimator = estimator(config.attention_coeff)
+        else:
+            # An uncertified paper kind can be far from contractive: the full series the
+            # roulette estimates then diverges (non-finite losses), so it trains with the
+            # paper's own truncated series, as the paper does.
+            attention_estimator = make_estimator("series", n_terms=5, n_probes=config.n_probes)
         step = invertible_attention(
             config.attention,
             channels,
             coeff=config.attention_coeff,
-            estimator=estimator(),
+            estimator=attention_estimator,
             solver=config.solver,
             max_iter=config.max_iter,
             **config.attention_options,
@@ -364,27 +396,104 @@ class DensityModel(Flow):
 
     def estimator_description(self) -> str:
         """The log-det estimator(s) of the residual steps, or that there are none."""
-        names = dict.fromkeys(step.estimator.describe() for _, step in self.residual_steps())
+        groups: dict[tuple, list[LogDetEstimator]] = {}
+        for _, step in self.residual_steps():
+            est = step.estimator
+            if isinstance(est, RussianRouletteLogDet):  # one line whatever p each step has
+                key = (type(est), est.n_exact, est.distribution, est.lam, est.per_sample,
+                       est.n_probes, est.probe)  # fmt: skip
+            else:
+                key = (type(est), est.describe())
+            groups.setdefault(key, []).append(est)
+        names = [
+            RussianRouletteLogDet.describe_steps(group)
+            if isinstance(group[0], RussianRouletteLogDet)
+            else group[0].describe()
+            for group in groups.values()
+        ]
         return "; ".join(names) if names else "exact (no residual steps)"
+
+    def residual_step_facts(self) -> list[tuple[str, ResidualTransform, int, float | None]]:
+        """``(name, step, dims, bound)`` for every residual step: its input's number of
+        values D per image and its branch's certified Lipschitz bound (None where
+        uncertified). One grey image is passed through the model first, since the bounds
+        of convolutional and l2 attention branches depend on the size of their input."""
+        steps = list(self.residual_steps())
+        dims: dict[int, int] = {}
+
+        def record(module, args) -> None:
+            dims[id(module)] = args[0][0].numel()
+
+        hooks = [step.register_forward_pre_hook(record) for _, step in steps]
+        try:
+            with torch.no_grad(), self.evaluating():
+                self.log_prob(torch.full((1, *self.image_shape), 0.5, device=self.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [(name, step, dims[id(step)], step.lipschitz_bound()) for name, step in steps]
+
+    def lipschitz_bounds(self) -> dict[str, float | None]:
+        """Each residual step's certified Lipschitz bound at the model's image size (None
+        where uncertified)."""
+        return {name: bound for name, _, _, bound in self.residual_step_facts()}
+
+    def series_bias_bound(self, n_terms: int) -> float:
+        r"""A certified bound, in bits/dim, on the bias of the log-density when every
+        residual step's log-det is the power series truncated after ``n_terms`` terms.
+
+        A step with D values and certified bound :math:`L \geq \|J_g\|` (any induced
+        norm) has :math:`|\operatorname{tr}(J_g^k)| \leq D \rho(J_g)^k \leq D L^k`, so its
+        truncation error is at most
+        :math:`-D (\ln(1 - L) + \sum_{k \leq n} L^k / k)` nats
+        (:func:`~flowattn.logdet.series_truncation_bound`); the bound is the sum over
+        steps divided by :math:`D_{image} \ln 2`. Infinite when a step is uncertified.
+
+        Examples:
+            >>> model = build_model("iresnet", image_shape=(1, 8, 8), blocks=1, hidden=8)
+            >>> model.series_bias_bound(5) > model.series_bias_bound(20) > 0
+            True
+        """
+        total = 0.0
+        for _, _, dims, bound in self.residual_step_facts():
+            if bound is None:
+                return math.inf
+            total += series_truncation_bound(bound, n_terms, dims)
+        return total / (self.num_dims * math.log(2))
 
     @contextlib.contextmanager
     def using_estimator(self, estimator: str | LogDetEstimator | None, **options: Any):
         """Temporarily replaces every residual step's log-det estimator.
 
-        ``estimator`` is an instance or a name for :func:`~flowattn.logdet.make_estimator`
-        (with ``options``); None changes nothing.
+        ``estimator`` is an instance (shared by every step) or a name for
+        :func:`~flowattn.logdet.make_estimator` with ``options``; a named estimator gets
+        each step's certified Lipschitz bound (``lipschitz``: it chooses the roulette's
+        distribution) unless ``options`` give one. None changes nothing.
         """
         if estimator is None:
             yield
             return
-        saved = [(step, step.estimator) for _, step in self.residual_steps()]
+        facts = self.residual_step_facts()
+        saved = [(step, step.estimator) for _, step, _, _ in facts]
         try:
-            for step, _ in saved:
-                step.estimator = make_estimator(estimator, **options)
+            for _, step, _, bound in facts:
+                if isinstance(estimator, LogDetEstimator):
+                    step.estimator = estimator
+                else:
+                    step.estimator = make_estimator(estimator, **{"lipschitz": bound, **options})
             yield
         finally:
             for step, original in saved:
                 step.estimator = original
+
+    def default_estimator(self) -> str:
+        """The log-det estimator :meth:`bits_per_dim` uses when none is named: ``exact``
+        when the images have at most :data:`EXACT_MAX_DIMS` values (the dense Jacobian is
+        affordable), else the unbiased ``roulette``; ``exact`` too for models without
+        residual steps (their log-dets are exact anyway)."""
+        if self.num_dims <= EXACT_MAX_DIMS or not any(True for _ in self.residual_steps()):
+            return "exact"
+        return "roulette"
 
     def bits_per_dim(
         self,
@@ -393,49 +502,119 @@ class DensityModel(Flow):
         repeats: int = 1,
         batch_size: int = 256,
         estimator: str | LogDetEstimator | None = None,
+        seed: int = 0,
         progress: bool = False,
         **estimator_options: Any,
     ) -> BitsPerDim:
-        r"""Bits per dimension of 8-bit images, with its standard error and estimator.
+        r"""Bits per dimension of 8-bit images, with an honest standard error.
 
         Each image is dequantised with uniform noise, :math:`y = (x + u) / 256`, and
         :math:`\mathrm{bpd} = -(\ln p(y) - D \ln 256) / (D \ln 2)`, an upper bound on
-        the code length of x (see :mod:`flowattn.metrics`). Runs in eval mode.
+        the code length of x (see :mod:`flowattn.metrics`); a model uniform on
+        :math:`[0, 1)^D` gets exactly 8. Runs in eval mode.
+
+        The default log-det estimator is exact where affordable (images of at most
+        :data:`EXACT_MAX_DIMS` values), else the unbiased Russian roulette with draws
+        independent per image and a distribution chosen from each step's certified
+        Lipschitz bound so its variance is finite: the standard error over images is then
+        a valid one. A truncated ``series`` must be asked for; its figure carries the
+        certified bound on its bias (:meth:`series_bias_bound`).
+
+        The dequantisation noise comes from its own generator seeded with ``seed`` (image
+        i's noise does not depend on ``batch_size`` or on the estimator's draws), so two
+        models evaluated with one seed see the same noise and their figures can be
+        compared per image (:func:`~flowattn.metrics.paired_difference`).
 
         Arguments:
             x: uint8 images (N, C, H, W).
-            repeats: Dequantisation and probe draws per image.
-            batch_size: Images per forward pass.
-            estimator: Log-det estimator for this evaluation (default: the model's), an
-                instance or a name (``series``, ``roulette``, ``exact``).
+            repeats: Dequantisation and log-det draws per image.
+            batch_size: Images per forward pass (fewer for the exact estimator on large
+                images, whose dense Jacobians are D x D per image).
+            estimator: Log-det estimator: a name (``exact``, ``roulette``, ``series``),
+                an instance, or None for :meth:`default_estimator`.
+            seed: Seed of the dequantisation noise.
             progress: Show a progress bar.
-            estimator_options: Options of a named estimator (``n_terms``, ``n_probes``...).
+            estimator_options: Options of a named estimator (``n_terms``, ``n_probes``,
+                ``p``...).
 
         Returns:
-            A :class:`~flowattn.metrics.BitsPerDim` (mean, standard error, estimator).
+            A :class:`~flowattn.metrics.BitsPerDim`: mean, standard error, the estimator,
+            its certified bias bound (0 unless a series was asked for), the per-image
+            values and the seconds it took.
         """
         x = self._check_images(x, uint8=True)
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        name = self.default_estimator() if estimator is None else estimator
+        bias_bound, error_bar_certified = self._estimator_guarantees(name, estimator_options)
+        if name == "exact" or isinstance(name, ExactLogDet):
+            batch_size = min(batch_size, max(1, 2**26 // self.num_dims**2))
+        start_time = time.perf_counter()
         values = torch.empty(x.shape[0], repeats, dtype=torch.float64)
-        batches = range(0, x.shape[0], batch_size)
+        chunks = range(0, x.shape[0], NOISE_CHUNK)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="bits/dim", unit="batch")
+            bar = tqdm(total=x.shape[0] * repeats, desc="bits/dim", unit="image")
         with (
             self.evaluating(),
-            self.using_estimator(estimator, **estimator_options),
+            self.using_estimator(name, **estimator_options),
             torch.no_grad(),
         ):
             description = self.estimator_description()
-            for start in batches:
-                xb = x[start : start + batch_size]
-                for r in range(repeats):
-                    y, logdet = self.dequantize(xb)
-                    log_prob = self.log_prob(y) + logdet
-                    values[start : start + len(xb), r] = bits_per_dim(log_prob, self.num_dims).cpu()
-        return summarize_bits_per_dim(values, description)
+            for r in range(repeats):
+                for chunk in chunks:
+                    xc = x[chunk : chunk + NOISE_CHUNK]
+                    generator = torch.Generator().manual_seed(
+                        hash((seed, r, chunk // NOISE_CHUNK)) % 2**63
+                    )
+                    noise = torch.rand(xc.shape, generator=generator)
+                    for start in range(0, xc.shape[0], batch_size):
+                        xb = xc[start : start + batch_size]
+                        nb = noise[start : start + batch_size]
+                        y, logdet = self.dequantize.with_noise(xb, nb.to(self.device))
+                        log_prob = self.log_prob(y) + logdet
+                        bpd = bits_per_dim(log_prob, self.num_dims).cpu()
+                        values[chunk + start : chunk + start + len(xb), r] = bpd
+                        if bar is not None:
+                            bar.update(len(xb))
+        if bar is not None:
+            bar.close()
+        result = summarize_bits_per_dim(
+            values,
+            description,
+            bias_bound=bias_bound,
+            error_bar_certified=error_bar_certified,
+        )
+        return dataclasses.replace(result, seconds=time.perf_counter() - start_time)
+
+    def _estimator_guarantees(
+        self, estimator: str | LogDetEstimator, options: dict[str, Any]
+    ) -> tuple[float, bool]:
+        """(certified bias bound in bits/dim, whether the error bar is certified) of an
+        evaluation with this estimator."""
+        if isinstance(estimator, str) and estimator not in ESTIMATORS:
+            make_estimator(estimator)  # raises the error listing the valid names
+        facts = self.residual_step_facts()
+        if not facts:
+            return 0.0, True
+        if isinstance(estimator, PowerSeriesLogDet) or estimator == "series":
+            n_terms = estimator.n_terms if isinstance(estimator, PowerSeriesLogDet) else None
+            n_terms = options.get("n_terms", 5) if n_terms is None else n_terms
+            return self.series_bias_bound(n_terms), True
+        if isinstance(estimator, RussianRouletteLogDet):
+            return 0.0, estimator.variance_certified and estimator.per_sample
+        if estimator == "roulette":
+            certified = all(
+                make_estimator("roulette", **{"lipschitz": bound, **options}).variance_certified
+                and options.get("per_sample", True)
+                for _, _, _, bound in facts
+            )
+            return 0.0, certified
+        return 0.0, True
 
     def encode(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> latents (B, D). uint8 images use bin centres."""
@@ -487,14 +666,6 @@ class DensityModel(Flow):
             images, _ = self.dequantize.inverse(images)
             return images.to(torch.uint8)
         return images
-
-    def lipschitz_bounds(self) -> dict[str, float | None]:
-        """Each residual step's certified Lipschitz bound at the model's image size (None
-        where uncertified). The bounds of convolutional and l2 attention branches depend
-        on the size of their input, so one grey image is passed through first."""
-        with torch.no_grad(), self.evaluating():
-            self.log_prob(torch.full((1, *self.image_shape), 0.5, device=self.device))
-        return {name: step.lipschitz_bound() for name, step in self.residual_steps()}
 
 
 def build_model(

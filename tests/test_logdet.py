@@ -173,3 +173,131 @@ def test_exact_logdet_is_right_after_set_num_threads():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-9
+
+
+class _NegativeScaling(torch.nn.Module):
+    """g(x) = -c x: every eigenvalue of J_g at -c, where the truncated series is most
+    optimistic and the roulette's tail heaviest."""
+
+    def __init__(self, c: float = 0.9):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return -self.c * x
+
+    def lipschitz_bound(self) -> float:
+        return self.c
+
+
+def _conv_branch_near_its_bound(channels: int = 4, seed: int = 0):
+    """A convolutional branch at its certified bound 0.9 whose Jacobian has eigenvalues
+    near -0.9 (like the trained branches that exploited the series' bias): g(x) ~ -0.9 x
+    plus small random taps, inputs kept where ELU is linear."""
+    from flowattn.transforms.iresnet import ConvResidualBranch
+
+    generator = torch.Generator().manual_seed(seed)
+    branch = ConvResidualBranch(channels, channels, coeff=0.9).double()
+    eye = torch.eye(channels, dtype=torch.float64)
+    with torch.no_grad():
+        for conv, sign in zip(branch.convs, (1.0, 1.0, -1.0), strict=True):
+            noise = torch.randn(conv.weight.shape, generator=generator, dtype=torch.float64)
+            conv.weight.copy_(0.004 * noise)
+            k = conv.weight.shape[-1] // 2
+            conv.weight[:, :, k, k] += sign * eye
+            conv.bias.zero_()
+    x = 3.0 + 0.3 * torch.randn(48, channels, 4, 4, generator=generator, dtype=torch.float64)
+    return branch, x
+
+
+def _coverage(estimator, branch, x, exact, calls):
+    """Fraction of calls whose mean ± 2 SE (over the batch's images) holds the exact mean,
+    and the z-score of the grand mean's error."""
+    hits, means = 0, []
+    for _ in range(calls):
+        _, logdet = estimator(branch, x)
+        diff = (logdet - exact).double()
+        mean, se = float(diff.mean()), float(diff.std() / math.sqrt(diff.numel()))
+        hits += abs(mean) <= 2 * se
+        means.append(mean)
+    means = torch.tensor(means)
+    z = float(means.mean() / (means.std() / math.sqrt(calls)))
+    return hits / calls, z
+
+
+def test_conv_branch_near_bound_precondition():
+    branch, x = _conv_branch_near_its_bound()
+    eig = torch.linalg.eigvals(dense_jacobian_of(branch, x[:4]))
+    assert branch.lipschitz_bound((4, 4)) <= 0.9
+    assert eig.abs().max() >= 0.85 and eig.real.min() <= -0.85
+
+
+@pytest.mark.parametrize("case", ["negative_scaling", "conv_near_bound"])
+def test_roulette_error_bars_cover_the_exact_value(case):
+    """With per-sample draws and p from the certified bound, ±2 SE intervals over a
+    batch's images hold the exact value about 95% of the time and the mean is unbiased,
+    on branches at spectral radius ~0.9 with negative eigenvalues."""
+    if case == "negative_scaling":
+        branch, x = _NegativeScaling(0.9), torch.randn(64, 16, dtype=torch.float64)
+        exact = torch.full((64,), 16 * math.log(0.1), dtype=torch.float64)
+    else:
+        branch, x = _conv_branch_near_its_bound()
+        exact = ExactLogDet()(branch, x)[1]
+    estimator = RussianRouletteLogDet(lipschitz=0.9)
+    assert estimator.per_sample and estimator.variance_certified
+    coverage, z = _coverage(estimator, branch, x, exact, calls=300)
+    assert 0.88 <= coverage <= 0.99, coverage
+    assert abs(z) < 4, z
+
+
+def test_shared_roulette_draws_give_invalid_error_bars():
+    """The test above has power: one draw shared by the batch (the old behaviour) makes
+    images dependent and the ±2 SE intervals miss far more often than 5%."""
+    branch, x = _NegativeScaling(0.9), torch.randn(64, 16, dtype=torch.float64)
+    exact = torch.full((64,), 16 * math.log(0.1), dtype=torch.float64)
+    shared = RussianRouletteLogDet(lipschitz=0.9, per_sample=False)
+    coverage, _ = _coverage(shared, branch, x, exact, calls=100)
+    assert coverage < 0.5
+
+
+def test_roulette_draws_are_independent_per_sample():
+    est = RussianRouletteLogDet(n_exact=2, lipschitz=0.9)
+    weights = est.term_weights(500)
+    counts = (weights > 0).sum(0)
+    assert weights.shape == (int(counts.max()), 500)
+    assert (counts >= 3).all() and len(counts.unique()) > 5  # 2 exact + N >= 1, varying
+    # E[number of extra terms] = 1 / p for a geometric N >= 1
+    assert abs(float((counts - 2).double().mean()) - 1 / est.p) < 5 * (1 / est.p) / math.sqrt(500)
+    # a kept term k carries 1 / P(N >= k - n_exact)
+    col = weights[:, 0][weights[:, 0] > 0]
+    expected = torch.tensor([1.0 / est.survival(k - 2) for k in range(1, len(col) + 1)])
+    torch.testing.assert_close(col, expected.double())
+    shared = RussianRouletteLogDet(lipschitz=0.9, per_sample=False).term_weights(7)
+    assert (shared == shared[:, :1]).all()
+
+
+def test_roulette_distribution_is_chosen_from_the_bound():
+    from flowattn.logdet import roulette_probability
+
+    for lip in (0.5, 0.9, 0.97, 0.99):
+        p = roulette_probability(lip)
+        assert 1 - p >= lip**2 and (1 - p) ** 3 >= lip**4 - 1e-12  # finite 2nd and 4th moments
+        assert RussianRouletteLogDet(lipschitz=lip).p == p
+    with pytest.raises(ValueError, match="variance infinite"):
+        RussianRouletteLogDet(lipschitz=0.9, p=0.5)
+    assert not RussianRouletteLogDet(p=0.5).variance_certified  # no bound: not certified
+    assert not RussianRouletteLogDet(lipschitz=0.9, distribution="poisson").variance_certified
+    assert "variance not certified" in RussianRouletteLogDet().describe()
+    with pytest.raises(ValueError, match="lipschitz"):
+        RussianRouletteLogDet(lipschitz=1.0)
+
+
+def test_truncated_series_is_optimistic_at_negative_eigenvalues_within_its_bound():
+    branch, x = _NegativeScaling(0.9), torch.randn(4, 16, dtype=torch.float64)
+    exact = 16 * math.log(0.1)
+    _, series = PowerSeriesLogDet(n_terms=5)(branch, x)
+    error = float(series[0]) - exact
+    assert error > 0  # over-estimates log|det|: an optimistic likelihood
+    assert error <= series_truncation_bound(0.9, 5, 16) + 1e-9
+    # the bound is tight here: every eigenvalue sits at -L
+    assert error == pytest.approx(series_truncation_bound(0.9, 5, 16), rel=1e-6)

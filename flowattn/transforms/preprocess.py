@@ -82,7 +82,17 @@ class UniformDequantization(Transform):
         else:
             x = inputs.to(self._reference)
         u = torch.rand_like(x) if self.noise else torch.full_like(x, 0.5)
-        y = (x + u) / self.levels
+        return self.with_noise(x, u)
+
+    def with_noise(self, inputs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward`` with the given noise u in [0, 1) (same shape as the images) instead
+        of fresh noise: for evaluations whose draws are seeded apart from everything else."""
+        if noise.shape != inputs.shape:
+            raise ValueError(
+                f"noise {tuple(noise.shape)} must match the images {tuple(inputs.shape)}"
+            )
+        x = inputs if inputs.is_floating_point() else inputs.to(self._reference)
+        y = (x + noise.to(x)) / self.levels
         dims = x[0].numel()
         logabsdet = x.new_full((x.shape[0],), -dims * self.bits * math.log(2))
         return y, logabsdet
