@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from nflows.transforms import SqueezeTransform
 
+from .models import EXACT_MAX_DIMS
 from .transforms import KINDS, ConvergenceWarning, invertible_attention
 
 
@@ -220,20 +221,27 @@ def _run_images(state: dict, split: str, limit: int | None) -> torch.Tensor:
 def cmd_eval(args: argparse.Namespace) -> int:
     model, state = _load(args)
     x = _run_images(state, args.split, args.limit)
-    options = {}
-    if args.estimator is not None:
-        options = {"n_terms": args.n_terms, "n_probes": args.n_probes}
-    torch.manual_seed(args.seed)
+    options: dict = {}
+    estimator = None if args.estimator == "auto" else args.estimator
+    if estimator is not None and estimator != "exact":
+        options["n_probes"] = args.n_probes
+        if args.n_terms is not None:
+            options["n_terms"] = args.n_terms
+    seed = state.get("run_config", {}).get("seed", 0) if args.seed is None else args.seed
     result = model.bits_per_dim(
         x,
         repeats=args.repeats,
         batch_size=args.batch_size,
-        estimator=args.estimator,
+        estimator=estimator,
+        seed=seed,
         progress=not args.no_progress,
         **options,
     )
     weights = "EMA" if state.get("ema") is not None and not args.no_ema else "raw"
-    print(f"{args.split} ({weights} weights, step {state.get('step')}): {result}")
+    print(
+        f"{args.split} ({weights} weights, step {state.get('step')}): {result} "
+        f"[{result.seconds:.1f} s]"
+    )
     return 0
 
 
@@ -386,14 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument(
         "--estimator",
-        choices=["series", "roulette", "exact"],
-        help="log-det estimator (default: the model's own); exact is for small images",
+        choices=["auto", "exact", "roulette", "series"],
+        default="auto",
+        help="log-det estimator: auto (default) is exact where the images have at most "
+        f"{EXACT_MAX_DIMS} values, else the unbiased roulette with per-image draws; "
+        "series is biased and is printed with its certified bias bound",
     )
-    p.add_argument("--n-terms", type=int, default=20, help="series terms (default 20)")
-    p.add_argument("--n-probes", type=int, default=4, help="probes per image (default 4)")
+    p.add_argument(
+        "--n-terms",
+        type=int,
+        help="series terms (default 5), or exact leading terms of the roulette (default 2)",
+    )
+    p.add_argument("--n-probes", type=int, default=1, help="probes per image (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="dequantisation/probe draws")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the dequantisation noise (default: the run's seed, as at the end "
+        "of training, so the figures agree)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -338,7 +338,7 @@ def run_training(
                     writer.add_scalar(f"logdet_std/{short}", logdet.std(), step)
         if config.eval_every and step % config.eval_every == 0 and step < config.steps:
             with trainer.evaluation_weights():
-                result = model.bits_per_dim(eval_x, batch_size=256)
+                result = model.bits_per_dim(eval_x, batch_size=256, seed=config.seed)
             writer.add_scalar("test/bpd", result.mean, step)
             writer.add_scalar("test/bpd_stderr", result.stderr, step)
         if step % config.checkpoint_every == 0:
@@ -371,12 +371,13 @@ def run_training(
 
     torch.manual_seed(config.seed + 3)
     with trainer.evaluation_weights():
-        bpd = model.bits_per_dim(x_test, batch_size=256)
+        # the dequantisation noise is seeded with the run's seed, as `flowattn eval` does
+        bpd = model.bits_per_dim(x_test, batch_size=256, seed=config.seed)
         samples, recon, error = _write_images(model, config, x_test, run_dir, writer, trainer.step)
     writer.add_scalar("test/bpd", bpd.mean, trainer.step)
     writer.add_scalar("test/bpd_stderr", bpd.stderr, trainer.step)
     writer.close()
-    log(f"test bits/dim after {trainer.step} steps: {bpd}")
+    log(f"test bits/dim after {trainer.step} steps (EMA weights): {bpd} [{bpd.seconds:.1f} s]")
     log(f"reconstruction of {min(len(x_test), 8)} test images: {error}")
     log(f"samples: {samples}")
     log(f"reconstructions: {recon}")

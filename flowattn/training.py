@@ -306,7 +306,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     rate = self.result.images_per_second
-                    bar.set_postfix(bpd=f"{loss:.3f}", img_s=f"{rate:.0f}")
+                    bar.set_postfix(train_loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
         finally:
             if bar is not None:
                 bar.close()

@@ -25,12 +25,38 @@ def test_train_prints_bpd_and_grid_paths(run, capsys):
     assert "samples: " in out and "reconstructions: " in out
 
 
-def test_eval_names_the_estimator(run, capsys):
-    assert main(["eval", str(run), "--no-progress", "--limit", "32"]) == 0
-    assert "power series" in capsys.readouterr().out
+def _figure(out: str, after: str) -> str:
+    """The 'mean ± se' printed after the text ``after``."""
+    line = next(line for line in out.splitlines() if after in line)
+    return line.split(": ", 1)[1].split(" bits/dim")[0]
+
+
+def test_main_job_figure_is_the_exact_one_eval_prints(tmp_path, capsys):
+    """The figure `train` prints at the end is exact (digits: 64 values per image) and
+    equals `flowattn eval RUN --estimator exact` on the same run."""
+    run_dir = tmp_path / "run"
+    assert main(["train", *SMALL, "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "exact (dense Jacobian)" in out and "BIASED" not in out
+    trained = _figure(out, "test bits/dim after 6 steps")
+    assert main(["eval", str(run_dir), "--no-progress", "--estimator", "exact"]) == 0
+    evaluated = _figure(capsys.readouterr().out, "test (EMA weights")
+    assert trained == evaluated and "±" in trained
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0  # auto: exact here too
+    assert _figure(capsys.readouterr().out, "test (EMA weights") == trained
+
+
+def test_eval_names_the_estimator_and_the_series_bias(run, capsys):
     assert main(["eval", str(run), "--no-progress", "--limit", "8", "--estimator", "exact"]) == 0
     out = capsys.readouterr().out
     assert "exact (dense Jacobian)" in out and "±" in out
+    assert main(["eval", str(run), "--no-progress", "--limit", "8", "--estimator", "series"]) == 0
+    out = capsys.readouterr().out
+    assert "power series, 5 terms" in out and "BIASED" in out and "certified bound" in out
+    args = ["eval", str(run), "--no-progress", "--limit", "8", "--estimator", "roulette"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "per-sample draws" in out and "variance finite" in out and "BIASED" not in out
 
 
 def test_sample_reconstruct_certify_attention(run, tmp_path, capsys):

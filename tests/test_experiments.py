@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import math
 import sys
 from pathlib import Path
 
@@ -94,24 +95,36 @@ def test_invertibility_experiment_end_to_end(tmp_path):
 
 def test_density_experiment_end_to_end(tmp_path):
     density.main(
-        ["--dataset", "digits", "--models", "iresnet-attn:external,glow", "--budget", "0.03",
+        ["--dataset", "digits", "--models", "iresnet,iresnet@series,glow", "--budget", "0.03",
          "--eval-every", "0.6", "--eval-images", "32", "--test-images", "64", "--sample-n", "4",
          "--threads", str(torch.get_num_threads()), "--device", "cpu", "--out", str(tmp_path)]
     )  # fmt: skip
     rows = {r["model"]: r for r in _rows(tmp_path / "results.csv")}
-    assert list(rows) == ["iresnet-attn:external", "glow"]
+    assert list(rows) == ["iresnet", "iresnet@series", "glow"]
     for row in rows.values():
         assert 0 < float(row["test_bpd"]) < 20 and float(row["test_se"]) > 0
         assert float(row["train_s"]) >= 0.03 * 60
-    assert "exact" in rows["glow"]["estimator"]  # glow has no estimated log-dets
-    assert rows["glow"]["unbiased_bpd"] == rows["glow"]["test_bpd"]
-    assert "power series" in rows["iresnet-attn:external"]["estimator"]
+        assert "exact" in row["estimator"]  # digits: 64 values per image, exact log-dets
+    assert "Russian roulette" in rows["iresnet"]["training"]
+    assert "power series" in rows["iresnet@series"]["training"]
+    # paired differences from the baseline, over the same images and noise
+    assert rows["iresnet"]["vs_baseline"] == "nan"
+    for name in ("iresnet@series", "glow"):
+        row = rows[name]
+        diff, se = float(row["vs_baseline"]), float(row["vs_baseline_se"])
+        expected = float(row["test_bpd"]) - float(rows["iresnet"]["test_bpd"])
+        assert diff == pytest.approx(expected, abs=1e-9) and se > 0
+        assert row["significant"] == ("no" if abs(diff) <= 2 * se else row["significant"])
+    series = rows["iresnet@series"]
+    assert float(series["series_bias_bound"]) > 0 and float(series["series_claim"]) > 0
     curve = [r for r in _rows(tmp_path / "curves.csv") if r["model"] == "glow"]
     assert len(curve) >= 3 and curve[0]["step"] == "0"
     times = [float(r["train_s"]) for r in curve]
     assert times == sorted(times)
-    assert "64 test images" in (tmp_path / "results.md").read_text()
-    for name in ("bpd_vs_time.png", "samples_glow.png", "samples_iresnet-attn_external.png"):
+    table = (tmp_path / "results.md").read_text()
+    assert "64 test images" in table and "paired difference from iresnet" in table
+    assert "certified bias bound" in table
+    for name in ("bpd_vs_time.png", "samples_glow.png", "samples_iresnet@series.png"):
         with Image.open(tmp_path / name) as image:
             assert image.size[0] > 0
 
@@ -173,9 +186,8 @@ def test_density_reports_non_finite_models_as_such():
 
             return summarize_bits_per_dim(torch.tensor([[float("inf")]]), "series")
 
-    mean, stderr, estimator = density.bits_per_dim(Diverged(), torch.zeros(1))
-    assert mean != mean and stderr != stderr and estimator == "non-finite"
-    assert density._bpd(mean, stderr) == "non-finite"
+    assert density.bits_per_dim(Diverged(), torch.zeros(1), seed=0) is None
+    assert density._bpd(math.nan, math.nan) == "non-finite"
 
 
 def test_svhn_and_celeba_configs_run_on_files_in_torchvision_layouts(tmp_path):
