@@ -218,11 +218,43 @@ class _SeriesLogDet(LogDetEstimator):
         raise NotImplementedError
 
     def forward(self, branch: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.memory_efficient and _needs_graph(x, branch):
-            params = [p for p in branch.parameters() if p.requires_grad]
-            weights = self.term_weights(x.shape[0])
-            return _MemoryEfficientLogDet.apply(self, weights, branch, x, *params)
-        return super().forward(branch, x)
+        if _needs_graph(x, branch):
+            if self.memory_efficient:
+                params = [p for p in branch.parameters() if p.requires_grad]
+                weights = self.term_weights(x.shape[0])
+                return _MemoryEfficientLogDet.apply(self, weights, branch, x, *params)
+            return super().forward(branch, x)
+        return self._evaluate(branch, x, self.term_weights(x.shape[0]))
+
+    def _evaluate(self, branch: Branch, x: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """The estimate without a graph (evaluation). Samples whose own number of terms
+        is reached drop out: once they are at most half of the rows the branch is re-run
+        on the others alone, so a call with per-sample numbers of terms costs about the
+        mean number of terms per sample rather than the batch's maximum. This needs a
+        branch that treats samples independently (every branch here does, in eval mode)."""
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            gx = branch(x_in)
+        weights = weights.to(dtype=x.dtype, device=x.device)
+        counts = (weights != 0).sum(0)  # terms per sample (kept terms have weight > 0)
+        probes = sample_probes(x, self.n_probes, self.probe)
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for v in probes:
+            rows = torch.arange(x.shape[0], device=x.device)  # samples of the graph's rows
+            rows_x, rows_gx, w = x_in, gx, v
+            for k in range(1, weights.shape[0] + 1):
+                alive = counts[rows] >= k
+                if 2 * int(alive.sum()) <= len(rows):
+                    rows, w = rows[alive], w[alive]
+                    with torch.enable_grad():
+                        rows_x = x[rows].detach().requires_grad_(True)
+                        rows_gx = branch(rows_x)
+                (w,) = torch.autograd.grad(rows_gx, rows_x, w, retain_graph=True)
+                sign = 1.0 if k % 2 == 1 else -1.0
+                term = (w * v[rows]).flatten(1).sum(1)
+                total[rows] += sign * weights[k - 1, rows] / k * term
+        total = total if self.probe == "basis" else total / len(probes)
+        return gx.detach(), total.detach()
 
     def estimate(
         self,

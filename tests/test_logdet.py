@@ -301,3 +301,25 @@ def test_truncated_series_is_optimistic_at_negative_eigenvalues_within_its_bound
     assert error <= series_truncation_bound(0.9, 5, 16) + 1e-9
     # the bound is tight here: every eigenvalue sits at -L
     assert error == pytest.approx(series_truncation_bound(0.9, 5, 16), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["external", "l2", "conv"])
+def test_evaluation_that_drops_finished_samples_matches_the_full_batch(kind):
+    """Without a graph, samples whose own number of terms is reached leave the batch;
+    the estimate equals the full-batch one with the same draws and probes."""
+    if kind == "conv":
+        branch, x = _conv_branch_near_its_bound()
+    else:
+        branch, x = _branch_and_input(kind, shape=(40, 4, 4, 4))
+    estimator = RussianRouletteLogDet(lipschitz=0.9, n_probes=2)
+    torch.manual_seed(1)
+    weights = estimator.term_weights(x.shape[0])
+    assert len((weights != 0).sum(0).unique()) > 3
+    torch.manual_seed(2)
+    gx, fast = estimator._evaluate(branch, x, weights)
+    torch.manual_seed(2)
+    with torch.enable_grad():
+        x_in = x.clone().requires_grad_(True)
+        full = estimator.estimate(branch(x_in), x_in, create_graph=False, weights=weights)
+    torch.testing.assert_close(fast, full.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, branch(x).detach())
