@@ -85,6 +85,58 @@ class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``flowattn CMD: error: ...``, exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+MAX_SAMPLES = 10_000  # samples of one `flowattn sample` grid (all held in memory)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _count(text: str) -> int:
+    """A positive integer flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _output_image(text: str) -> Path:
+    """An image path to write: a known image suffix, a parent that is (or can be) a
+    folder, and that folder writable."""
+    import os
+
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an image file name: end it in {', '.join(IMAGE_SUFFIXES)}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is a file")
+            if not os.access(parent, os.W_OK):
+                raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is read-only")
+            break
+    return path
+
+
 _USER_ERRORS = (ValueError, FileNotFoundError, UsageError)
 
 
@@ -183,7 +235,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             torch.cuda.set_device(local)
             config.device = f"cuda:{local}"
     try:
-        summary = run_training(config, resume=args.resume, progress=not args.no_progress)
+        summary = run_training(
+            config,
+            resume=args.resume,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            trust_checkpoint=args.trust_checkpoint,
+        )
     except NonFiniteLossError as error:
         print(f"flowattn: error: {error}", file=sys.stderr)
         return 1
@@ -202,14 +259,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             flush=True,
         )
     if summary.interrupted:
-        return 130
+        return 143 if summary.interrupted == "SIGTERM" else 130
     return 0
 
 
 def _load(args: argparse.Namespace):
     from .runs import load_run_model
 
-    return load_run_model(args.run, device=args.device, ema=not args.no_ema)
+    return load_run_model(
+        args.run, device=args.device, ema=not args.no_ema, trust=args.trust_checkpoint
+    )
 
 
 def _run_images(state: dict, split: str, limit: int | None) -> torch.Tensor:
@@ -237,9 +296,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         **options,
     )
-    weights = "EMA" if state.get("ema") is not None and not args.no_ema else "raw"
+    weights = "EMA" if state["trainer"].get("ema") is not None and not args.no_ema else "raw"
     print(
-        f"{args.split} ({weights} weights, step {state.get('step')}): {result} "
+        f"{args.split} ({weights} weights, step {state['trainer']['step']}): {result} "
         f"[{result.seconds:.1f} s]"
     )
     return 0
@@ -250,10 +309,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .plots import save_grid
 
+    if args.n > MAX_SAMPLES:
+        raise UsageError(f"-n {args.n}: at most {MAX_SAMPLES} samples in one grid")
     model, _ = _load(args)
     torch.manual_seed(args.seed)
     samples = model.sample(args.n, temperature=args.temperature, batch_size=args.batch_size)
-    out = Path(args.output)
+    out = args.output
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(samples, out, nrow=max(1, int(math.sqrt(args.n))))
     print(f"wrote {args.n} samples at temperature {args.temperature} to {out}")
@@ -269,11 +330,17 @@ def _images_from(paths: list[str], state: dict, split: str, limit: int) -> torch
     for path in paths:
         p = Path(path)
         if p.is_file() and p.suffix.lower() != ".npz":
-            from PIL import Image
+            from PIL import Image, UnidentifiedImageError
             from torchvision.transforms.functional import pil_to_tensor
 
-            with Image.open(p) as image:
-                batches.append(pil_to_tensor(image.convert("RGB"))[None])
+            try:
+                with Image.open(p) as image:
+                    batches.append(pil_to_tensor(image.convert("RGB"))[None])
+            except (UnidentifiedImageError, OSError) as error:
+                reason = str(error).splitlines()[0] if str(error) else "unreadable"
+                raise UsageError(
+                    f"{path} is not an image file that can be read: {reason}"
+                ) from None
         elif p.exists() or path in DATASETS:
             batches.append(stack_images(load_dataset(path, split), limit))
         else:
@@ -305,7 +372,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     x = _fit_channels(_images_from(args.images, state, args.split, args.limit), model)
     x_hat = model.reconstruct(x.to(model.device)).cpu()
     error = reconstruction_error(x, x_hat)
-    out = Path(args.output)
+    out = args.output
     out.parent.mkdir(parents=True, exist_ok=True)
     nrow = min(len(x), max(8, int(math.sqrt(len(x)))))
     rows = []
@@ -370,10 +437,15 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory or a checkpoint file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="also read old-format checkpoints, which can run code: only files you trust",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowattn", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="flowattn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -383,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML config file (keys as the flags; a [model] table)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="--resume from an old-format checkpoint, which can run code: only files you trust",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-checksum", action="store_true", help=argparse.SUPPRESS)
     _add_config_flags(p)
@@ -391,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="test bits-per-dim of a run, with its standard error")
     _add_run_arguments(p)
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--limit", type=_count, help="evaluate the first N images only")
     p.add_argument(
         "--estimator",
         choices=["auto", "exact", "roulette", "series"],
@@ -402,12 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--n-terms",
-        type=int,
+        type=_count,
         help="series terms (default 5), or exact leading terms of the roulette (default 2)",
     )
-    p.add_argument("--n-probes", type=int, default=1, help="probes per image (default 1)")
-    p.add_argument("--repeats", type=int, default=1, help="dequantisation/probe draws")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-probes", type=_count, default=1, help="probes per image (default 1)")
+    p.add_argument("--repeats", type=_count, default=1, help="dequantisation/probe draws")
+    p.add_argument("--batch-size", type=_count, default=256)
     p.add_argument(
         "--seed",
         type=int,
@@ -419,10 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="write a grid of samples")
     _add_run_arguments(p)
-    p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("-o", "--output", default="samples.png")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("-n", type=_count, default=64, help=f"number of samples (<= {MAX_SAMPLES})")
+    p.add_argument("--temperature", type=_temperature, default=0.7)
+    p.add_argument("-o", "--output", type=_output_image, default=Path("samples.png"))
+    p.add_argument("--batch-size", type=_count, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
 
@@ -435,20 +512,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files, folders, .npz files or dataset names (default: the run's test set)",
     )
     p.add_argument("--split", default="test", help="split of datasets given by name")
-    p.add_argument("--limit", type=int, default=16)
-    p.add_argument("-o", "--output", default="reconstructions.png")
+    p.add_argument("--limit", type=_count, default=16)
+    p.add_argument("-o", "--output", type=_output_image, default=Path("reconstructions.png"))
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("certify", help="Lipschitz bounds of every residual step, inverse check")
     _add_run_arguments(p)
-    p.add_argument("-n", type=int, default=16, help="test images to invert")
+    p.add_argument("-n", type=_count, default=16, help="test images to invert")
     p.set_defaults(func=cmd_certify)
 
     p = sub.add_parser("attention", help="picture of the attention maps for an image")
     _add_run_arguments(p)
     p.add_argument("--image", required=True, help="an image file, or a dataset name/path")
     p.add_argument("--queries", type=int, default=4, help="query pixels (or slots) shown")
-    p.add_argument("-o", "--output", default="attention.png")
+    p.add_argument("-o", "--output", type=_output_image, default=Path("attention.png"))
     p.set_defaults(func=cmd_attention)
 
     p = sub.add_parser("demo", help="invert real images through each attention kind")
@@ -467,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
 
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag (already printed as one line)
+        return stop.code if isinstance(stop.code, int) else 2
     if unknown:
         import difflib
 
@@ -480,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (*_USER_ERRORS, CheckpointError, DataError) as error:
+    except (*_USER_ERRORS, CheckpointError, DataError, PermissionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"flowattn: error: {message}", file=sys.stderr)
         return 2

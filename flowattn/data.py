@@ -160,6 +160,8 @@ def _npz(path: Path, split: str, key: str | None) -> ImageTensorDataset:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         if isinstance(error, DataError):
             raise
+        if not zipfile.is_zipfile(path):
+            raise DataError(f"{path} is not an .npz archive (not a zip file)") from None
         raise DataError(f"cannot read {path} as an .npz archive: {error}") from None
     images = _as_nchw(images, f"{path}[{key!r}]")
     label_tensor = None

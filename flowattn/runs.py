@@ -15,19 +15,31 @@ __all__ = ["RunConfig", "RunSummary", "load_run_model", "run_training"]
 import dataclasses
 import hashlib
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
 from .data import load_dataset, stack_images
 from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, build_model
 from .names import check_names
+from .runlock import RunLock, RunLockedError
 from .training import NonFiniteLossError, Trainer
 
 
@@ -104,17 +116,47 @@ class RunConfig:
             raise FileNotFoundError(f"no such config file: {path}") from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"{path} is not valid TOML: {error}") from None
-        model = {**data.pop("model", {}), **overrides.pop("model", {})}
+        if not isinstance(data.get("model", {}), dict):
+            raise ValueError(f"config key 'model' must be a table, got {data['model']!r}")
+        model = dict(data.pop("model", {}))
+        for entry in data.pop("resumed", []):  # what each resume changed, in order
+            changes = dict(entry.get("changes", {}))
+            model.update(changes.pop("model", {}))
+            data.update(changes)
+        model.update(overrides.pop("model", {}))
         return cls.from_dict({**data, **overrides, "model": model})
 
     def check(self) -> None:
+        """Checks the type and range of every key; a ValueError names the key."""
+        hints = typing.get_type_hints(RunConfig)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _matches(value, hints[f.name]):
+                raise ValueError(
+                    f"config key {f.name!r} must be {_describe(hints[f.name])}, got {value!r}"
+                )
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "max_bad_steps")
-        for name in positive:
+        for name in (*positive, "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"config key {name!r} must be at least 1, got {getattr(self, name)}"
+                )
+        for name in ("warmup", "eval_every", "eval_images", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "clip", "time_budget"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"config key {name!r} must be a positive number, got {value}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"config key 'temperature' must be >= 0, got {self.temperature}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+            raise ValueError(f"config key 'ema' must be in [0, 1), got {self.ema}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"config key 'image_size' must be at least 1, got {self.image_size}")
+        resolve_device(self.device)
+        if "preset" in self.model:
+            raise ValueError("set the model with the config key 'preset', not a model option")
         # the model options are checked by building the config
         shape = (3, 32, 32) if "image_shape" not in self.model else self.model["image_shape"]
         ModelConfig.from_dict({"preset": self.preset, "image_shape": shape, **self.model})
@@ -137,6 +179,33 @@ class RunConfig:
         lines.append("\n[model]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in model.items() if v is not None]
         return "\n".join(lines) + "\n"
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value has the annotated type (ints count as floats, bools as
+    neither)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(hint) is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if hint is type(None):
+        return "unset"
+    if typing.get_origin(hint) is dict or hint is dict:
+        return "a table"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def _toml_value(value: Any) -> str:
@@ -180,7 +249,10 @@ def parameter_checksum(model: torch.nn.Module) -> str:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
@@ -189,23 +261,6 @@ def resolve_device(name: str) -> torch.device:
 def _rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def load_run_model(
-    run_or_checkpoint: str | Path, *, device: str = "auto", ema: bool = True
-) -> tuple[DensityModel, dict[str, Any]]:
-    """The model of a run or checkpoint (EMA weights by default), in eval mode."""
-    state = load_checkpoint(run_or_checkpoint)
-    try:
-        model = build_model(ModelConfig.from_dict(state["model_config"]))
-        model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"checkpoint does not match its model config: {error}") from None
-    if ema and state.get("ema") is not None:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(state["ema"]["shadow"][name])
-    return model.to(resolve_device(device)).eval(), state
 
 
 def _write_images(model: DensityModel, config: RunConfig, x_test, run_dir: Path, writer, step):
@@ -229,13 +284,118 @@ def _write_images(model: DensityModel, config: RunConfig, x_test, run_dir: Path,
     return samples_path, recon_path, reconstruction_error(originals.cpu(), recon.cpu())
 
 
+def load_run_model(
+    run_or_checkpoint: str | Path,
+    *,
+    device: str = "auto",
+    ema: bool = True,
+    trust: bool = False,
+) -> tuple[DensityModel, dict[str, Any]]:
+    """The model of a run or checkpoint (EMA weights by default), in eval mode, and the
+    checkpoint. ``trust`` also reads old-format checkpoints (which can run code)."""
+    target = resolve_device(device)
+    state = load_checkpoint(run_or_checkpoint, trust=trust)
+    trainer = state["trainer"]
+    try:
+        model = build_model(ModelConfig.from_dict(state["model_config"]))
+        model.load_state_dict(trainer["model"])
+    except (KeyError, RuntimeError, TypeError) as error:
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"checkpoint does not match its model config: {reason}") from None
+    if ema and trainer.get("ema") is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(trainer["ema"]["shadow"][name])
+    return model.to(target).eval(), state
+
+
+def checkpoint_step(state: dict[str, Any]) -> int:
+    """The training step a checkpoint was taken at."""
+    return int(state["trainer"]["step"])
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send), handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def state_is_finite(trainer: Trainer, batch: torch.Tensor) -> str | None:
+    """Why a training state must not be checkpointed (None when it may): every
+    parameter and EMA weight finite, and a finite loss on a held batch with the raw and
+    with the EMA weights (a finite step can still blow the weights up)."""
+    for name, p in trainer.model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"parameter {name} is not finite"
+    if trainer.ema is not None:
+        for name, t in trainer.ema.shadow.items():
+            if not torch.isfinite(t).all():
+                return f"EMA weight {name} is not finite"
+    model = trainer.model  # not the DDP wrapper: this runs on rank 0 alone
+
+    def held_loss() -> float:
+        y, logdet = model.dequantize(batch)
+        return float(-(model.log_prob(y) + logdet).mean())
+
+    with torch.no_grad(), model.evaluating():
+        loss = held_loss()
+        if not math.isfinite(loss):
+            return f"the loss on a held batch is {loss}"
+        if trainer.ema is not None:
+            with trainer.ema.applied():
+                loss = held_loss()
+            if not math.isfinite(loss):
+                return f"the loss on a held batch with the EMA weights is {loss}"
+    return None
+
+
+def _resume_history(config: RunConfig, saved: dict[str, Any], step: int) -> str:
+    """A ``[[resumed]]`` table recording what a resume changed (empty if nothing)."""
+    now = dataclasses.asdict(config)
+    changes = {k: v for k, v in now.items() if k not in ("model", "run_dir") and saved.get(k) != v}
+    model = {k: v for k, v in now["model"].items() if saved.get("model", {}).get(k) != v}
+    if model:
+        changes["model"] = model
+    if not changes:
+        return ""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    table = {k: v for k, v in changes.items() if v is not None}
+    return (
+        f"\n[[resumed]]\nstep = {step}\ntime = {_toml_value(stamp)}\n"
+        f"changes = {_toml_value(table)}\n"
+    )
+
+
+def _check_run_location(run_dir: Path) -> None:
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot use {run_dir} as a run directory: {parent} is a file")
+            if not os.access(parent, os.W_OK):
+                raise ValueError(f"cannot write to {parent} (permission denied)")
+            return
+
+
 def run_training(
-    config: RunConfig, *, resume: bool = False, progress: bool = True, log=print
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    trust_checkpoint: bool = False,
+    log=print,
 ) -> RunSummary:
     """Trains a model as ``config`` says, in ``config.run_dir``; see the module docstring.
 
     With ``resume``, continues from ``run_dir/checkpoint.pt`` (model, optimiser, EMA, step,
     batch order and random states), so the run ends as an uninterrupted one would.
+
+    Safety: the run directory is locked for the process (:class:`~flowattn.runlock.RunLock`);
+    a state is checkpointed only after :func:`state_is_finite` passes, and the replaced
+    checkpoint is kept as ``checkpoint.prev.pt``; Ctrl-C and SIGTERM write a checkpoint
+    and return with ``interrupted`` set. Everything is validated before the run
+    directory is created.
     """
     config.check()
     rank = _rank()
@@ -248,6 +408,7 @@ def run_training(
             config, run_dir=f"runs/{config.preset}-{Path(config.dataset).stem}-{stamp}"
         )
     run_dir = Path(config.run_dir)
+    _check_run_location(run_dir)
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
@@ -256,6 +417,9 @@ def run_training(
             f"{run_dir} already holds a run; pass --resume to continue it or choose "
             "another --run-dir"
         )
+    state = None
+    if resume:
+        state = load_checkpoint(checkpoint_path, map_location=device, trust=trust_checkpoint)
 
     x_train, x_test = config.images("train"), config.images("test")
     model_options = {k: v for k, v in config.model.items() if k != "image_shape"}
@@ -266,6 +430,14 @@ def run_training(
         raise ValueError(
             f"model image_shape {tuple(config.model['image_shape'])} does not match the "
             f"dataset's images {model.image_shape}"
+        )
+    if state is not None and state["model_config"] != model.config.to_dict():
+        saved = ModelConfig.from_dict(state["model_config"]).to_dict()
+        now = model.config.to_dict()
+        diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
+        raise ValueError(
+            f"--resume: {run_dir} holds a different model ({diff}); resume with the run's "
+            "own model settings or choose another --run-dir"
         )
     # probes and dequantisation noise differ per rank
     torch.manual_seed(config.seed + 1000 * rank)
@@ -280,18 +452,61 @@ def run_training(
         max_bad_steps=config.max_bad_steps,
         seed=config.seed,
     )
-    if resume:
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        trainer.load_state_dict(state["trainer"])
+    if state is not None:
+        try:
+            trainer.load_state_dict(state["trainer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            reason = str(error).splitlines()[0]
+            raise ValueError(
+                f"--resume: {checkpoint_path} does not fit this run: {reason}"
+            ) from None
         if trainer.world_size > 1:  # the checkpoint holds rank 0's random state
             torch.manual_seed(config.seed + 1000 * rank + trainer.step)
-        if rank == 0:
-            log(f"resumed {checkpoint_path} at step {trainer.step}")
 
+    lock = None
+    created = not run_dir.exists()
+    if rank == 0:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunLockedError:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+    try:
+        return _train_locked(
+            config, model, trainer, state, x_train, x_test, run_dir, lock, rank,
+            progress=progress, log=log, device=device,
+        )  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock, rank, *,
+                  progress, log, device) -> RunSummary:  # fmt: skip
+    """The part of :func:`run_training` that runs under the run directory's lock."""
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if rank == 0 and not checkpoint_path.is_file() and state is not None:
+        raise FileNotFoundError(f"--resume: {checkpoint_path} disappeared")
+    if rank == 0 and state is None and checkpoint_path.is_file():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it")
+    good_step = None if state is None else trainer.step
     writer = None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(config.to_toml())
+        for stale in remove_stale_temporaries(run_dir):
+            log(f"removed {stale.name}, left by an interrupted checkpoint write")
+        if lock.stale_pid is not None:
+            log(f"took over the lock of process {lock.stale_pid}, which is no longer running")
+        config_path = run_dir / "config.toml"
+        if state is None:
+            config_path.write_text(config.to_toml())
+        else:
+            history = _resume_history(config, state.get("run_config", {}), trainer.step)
+            if history:
+                with config_path.open("a") as f:
+                    f.write(history)
+            log(f"resumed {checkpoint_path} at step {trainer.step}")
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir))
@@ -302,25 +517,47 @@ def run_training(
             f"run directory {run_dir}"
         )
     eval_x = x_test if config.eval_images == 0 else x_test[: config.eval_images]
+    held = x_train[: config.batch_size].to(device)
+    run_config = dataclasses.asdict(config)
 
-    def save() -> None:
+    def save() -> bool:
+        """Checkpoints the current state if it is finite; whether it did."""
+        nonlocal good_step
         if rank != 0:
-            return
+            return False
+        problem = state_is_finite(trainer, held)
+        if problem is not None:
+            kept = (
+                f"the last good checkpoint (step {good_step}) is kept at {checkpoint_path}"
+                if good_step is not None
+                else "no checkpoint has been written yet"
+            )
+            log(f"step {trainer.step}: not checkpointed, {problem}; {kept}")
+            return False
         save_checkpoint(
             {
                 "model_config": model.config.to_dict(),
-                "run_config": dataclasses.asdict(config),
-                "model": model.state_dict(),
-                "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-                "step": trainer.step,
+                "run_config": run_config,
                 "trainer": trainer.state_dict(),
             },
             checkpoint_path,
         )
+        good_step = trainer.step
+        return True
+
+    plain_every = max(1, config.steps // 20)
+    last_line = time.monotonic()
 
     def on_step(step: int, loss: float) -> None:
+        nonlocal last_line
         if rank != 0:
             return
+        if not progress and (step % plain_every == 0 or time.monotonic() - last_line > 60):
+            last_line = time.monotonic()
+            log(
+                f"step {step}/{config.steps}: train loss {loss:.4f} (bits/dim, training "
+                f"estimator), {trainer.result.images_per_second:.0f} img/s"
+            )
         if step % config.log_every == 0:
             writer.add_scalar("train/bpd", loss, step)
             writer.add_scalar("train/grad_norm", trainer.last_grad_norm, step)
@@ -346,17 +583,27 @@ def run_training(
 
     interrupted = False
     budget = None if config.time_budget is None else config.time_budget * 60
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         trainer.run(config.steps, budget, progress=progress, callback=on_step)
-    except KeyboardInterrupt:
-        interrupted = True
-        save()
+    except KeyboardInterrupt as stop:
+        interrupted = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        saved = save()
+        if rank == 0 and saved:
+            log(f"{interrupted} at step {trainer.step}: checkpoint written to {checkpoint_path}")
+    except NonFiniteLossError as error:
+        if good_step is not None:
+            kept = f"the last good checkpoint (step {good_step}) is kept at {checkpoint_path}"
+        else:
+            kept = "no checkpoint was written (the run diverged before its first)"
         if rank == 0:
-            log(f"interrupted at step {trainer.step}: checkpoint written to {checkpoint_path}")
-    except NonFiniteLossError:
-        if rank == 0:
-            log(f"stopping; the last good checkpoint is kept at {checkpoint_path}")
-        raise
+            log(f"stopping; {kept}")
+        raise NonFiniteLossError(f"{error}; {kept}") from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     common = {
         "skipped": trainer.result.skipped,
         "rank": rank,
@@ -364,8 +611,21 @@ def run_training(
         "losses": trainer.result.losses,
     }
     if interrupted:
-        return RunSummary(run_dir, trainer.step, None, None, None, interrupted=True, **common)
-    save()
+        if writer is not None:
+            writer.close()
+        return RunSummary(
+            run_dir, trainer.step, None, None, None, interrupted=interrupted, **common
+        )
+    if not save() and rank == 0:
+        writer.close()
+        raise NonFiniteLossError(
+            f"the final state (step {trainer.step}) is not finite and was not checkpointed; "
+            + (
+                f"the last good checkpoint (step {good_step}) is kept at {checkpoint_path}"
+                if good_step is not None
+                else "no checkpoint was written"
+            )
+        )
     if rank != 0:
         return RunSummary(run_dir, trainer.step, None, None, None, **common)
 

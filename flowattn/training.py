@@ -127,6 +127,8 @@ class _BatchLoss(nn.Module):
 
 
 def _random_states() -> dict[str, Any]:
+    """Every random state (torch, numpy, python, CUDA) as tensors and numbers only, so a
+    checkpoint holding them loads with ``weights_only=True``."""
     states = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),  # noqa: NPY002 (the global state others may use)
@@ -134,13 +136,41 @@ def _random_states() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+    return random_states_to_data(states)
+
+
+def random_states_to_data(states: dict[str, Any]) -> dict[str, Any]:
+    """Random states with numpy's and python's tuples turned into tensors and numbers
+    (states already in that form pass through)."""
+    out = dict(states)
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state, tuple):
+        name, keys, pos, has_gauss, gauss = numpy_state[:5]
+        out["numpy"] = {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        }
+    python_state = states["python"]
+    if isinstance(python_state, tuple):
+        version, internal, gauss_next = python_state
+        out["python"] = {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        }
+    return out
 
 
 def _set_random_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])  # noqa: NPY002
-    random.setstate(states["python"])
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))  # noqa: NPY002
+    p = states["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 

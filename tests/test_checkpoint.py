@@ -24,7 +24,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file left
 
 
 def test_unreadable_and_foreign_files(tmp_path):
@@ -36,3 +36,64 @@ def test_unreadable_and_foreign_files(tmp_path):
     torch.save({"step": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a flowattn checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+class _Payload:
+    """An object whose unpickling runs a command (what a malicious checkpoint carries)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"format": "flowattn-checkpoint-2", "x": _Payload(marker)}, tmp_path / "evil.pt")
+    torch.save(_Payload(marker), tmp_path / "bare.pt")  # not even a dict
+    for name in ("evil.pt", "bare.pt"):
+        with pytest.raises(CheckpointError, match="refusing to load") as error:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+def test_random_states_are_stored_as_data_and_restored(tmp_path):
+    import random
+
+    import numpy as np
+
+    from flowattn.training import _random_states, _set_random_states
+
+    torch.manual_seed(3)
+    np.random.seed(4)  # noqa: NPY002
+    random.seed(5)
+    save_checkpoint({"random": _random_states()}, tmp_path / "checkpoint.pt")
+    expected = (torch.rand(2), np.random.rand(2), random.random())  # noqa: NPY002
+    _set_random_states(load_checkpoint(tmp_path)["random"])  # read with weights_only=True
+    got = (torch.rand(2), np.random.rand(2), random.random())  # noqa: NPY002
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all()
+    assert expected[2] == got[2]
+
+
+def test_previous_checkpoint_kept_mode_and_stale_temporaries(tmp_path):
+    import os
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"step": 1}, path)
+    save_checkpoint({"step": 2}, path)
+    assert load_checkpoint(path)["step"] == 2
+    assert load_checkpoint(tmp_path / checkpoint.PREVIOUS_NAME)["step"] == 1
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint({"step": 3}, path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"")  # left by a killed write
+    removed = checkpoint.remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".checkpoint.pt.x1y2.tmp"]
+    assert not list(tmp_path.glob("*.tmp"))

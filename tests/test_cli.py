@@ -123,3 +123,167 @@ def test_help_lists_every_subcommand_and_flag():
 
     for name in RunConfig.fields():
         assert f"--{name.replace('_', '-')}" in train_help
+
+
+def _run_files(run_dir):
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+BAD_CONFIG_VALUES = [
+    ('lr = "1e-3"', "'lr'"),
+    ('ema = "x"', "'ema'"),
+    ('warmup = "x"', "'warmup'"),
+    ('temperature = "hot"', "'temperature'"),
+    ('time_budget = "x"', "'time_budget'"),
+    ("model = 3", "'model'"),
+    ('device = "gpu"', "'gpu'"),
+    ('seed = "abc"', "'seed'"),
+    ("temperature = nan", "'temperature'"),
+]
+
+
+@pytest.mark.parametrize("line, names", BAD_CONFIG_VALUES, ids=[b[0] for b in BAD_CONFIG_VALUES])
+def test_bad_config_values_are_one_line_errors_before_any_run_directory(
+    line, names, tmp_path, capsys
+):
+    config = tmp_path / "bad.toml"
+    config.write_text(f'dataset = "digits"\n{line}\n')
+    run_dir = tmp_path / "new-run"
+    assert main(["train", "--config", str(config), "--run-dir", str(run_dir)]) == 2
+    assert names in _one_line_error(capsys)
+    assert not run_dir.exists()
+
+
+def _bad_invocations(run, tmp):
+    (tmp / "notes.txt").write_text("not an image")
+    (tmp / "fake.png").write_text("not a png either")
+    (tmp / "fake.npz").write_text("not an archive")
+    (tmp / "afile").write_text("a file, not a folder")
+    return [
+        (["train", "--run-dir", str(run), "--resume", *SMALL[6:], "--model", "hidden=16"],
+         "holds a different model"),
+        (["train", "--run-dir", str(run), "--resume", "--model", "preset=glow"], "preset"),
+        (["reconstruct", str(run), "--images", str(tmp / "notes.txt")], "not an image file"),
+        (["reconstruct", str(run), "--images", str(tmp / "fake.png")], "not an image file"),
+        (["reconstruct", str(run), "--images", str(tmp / "fake.npz")], "not an .npz archive"),
+        (["attention", str(run), "--image", str(tmp / "notes.txt")], "not an image file"),
+        (["sample", str(run), "-n", "0"], "at least 1"),
+        (["sample", str(run), "-n", "-3"], "at least 1"),
+        (["sample", str(run), "-n", "2000000000"], "at most 10000"),
+        (["sample", str(run), "--temperature", "nan"], "finite"),
+        (["sample", str(run), "-o", str(tmp / "bad") + "/"], "not an image file name"),
+        (["sample", str(run), "-o", str(tmp / "afile" / "s.png")], "is a file"),
+        (["sample", str(run), "--device", "gpu"], "unknown device 'gpu'"),
+        (["reconstruct", str(run), "--limit", "0"], "at least 1"),
+        (["certify", str(run), "-n", "0"], "at least 1"),
+        (["certify", str(run), "-n", "-1"], "at least 1"),
+        (["eval", str(run), "--limit", "-3"], "at least 1"),
+        (["eval", str(run), "--batch-size", "0"], "at least 1"),
+        (["train", "--device", "gpu", "--run-dir", str(tmp / "r2")], "unknown device 'gpu'"),
+        (["train", "--run-dir", str(tmp / "afile" / "run")], "is a file"),
+    ]  # fmt: skip
+
+
+def test_bad_inputs_are_one_line_errors_and_change_no_run_file(run, tmp_path, capsys):
+    before = _run_files(run)
+    for argv, expected in _bad_invocations(run, tmp_path):
+        assert main(argv) == 2, argv
+        line = _one_line_error(capsys)
+        assert expected in line, (argv, line)
+    assert _run_files(run) == before
+    assert not (tmp_path / "r2").exists()
+
+
+def test_a_checkpoint_that_would_run_code_runs_nothing(run, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from test_checkpoint import _Payload
+
+    evil = tmp_path / "evil-run"
+    evil.mkdir()
+    shutil.copy(run / "config.toml", evil / "config.toml")
+    marker = tmp_path / "pwned"
+    torch.save({"format": "flowattn-checkpoint-2", "x": _Payload(marker)}, evil / "checkpoint.pt")
+    for argv in (
+        ["eval", str(evil)],
+        ["sample", str(evil), "-o", str(tmp_path / "s.png")],
+        ["reconstruct", str(evil), "-o", str(tmp_path / "r.png")],
+        ["certify", str(evil)],
+        ["attention", str(evil), "--image", "digits", "-o", str(tmp_path / "a.png")],
+        ["train", "--run-dir", str(evil), "--resume"],
+    ):
+        assert main(argv) == 2, argv
+        assert "refusing to load" in _one_line_error(capsys)
+    assert not marker.exists()
+
+
+def test_old_format_checkpoints_load_only_when_trusted(run, tmp_path, capsys):
+    import random
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from flowattn.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run)
+    trainer = dict(state["trainer"])
+    trainer["random"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002
+                         "python": random.getstate()}  # fmt: skip
+    old = {"format": "flowattn-checkpoint-1", "model_config": state["model_config"],
+           "run_config": state["run_config"], "model": trainer["model"], "ema": trainer["ema"],
+           "step": trainer["step"], "trainer": trainer}  # fmt: skip
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    shutil.copy(run / "config.toml", old_run / "config.toml")
+    torch.save(old, old_run / "checkpoint.pt")
+    assert main(["eval", str(old_run), "--no-progress", "--limit", "8"]) == 2
+    assert "--trust-checkpoint" in _one_line_error(capsys)
+    args = ["eval", str(old_run), "--no-progress", "--limit", "8", "--trust-checkpoint"]
+    assert main(args) == 0
+    assert "bits/dim" in capsys.readouterr().out
+
+
+def test_two_trainings_in_one_run_directory_and_sigterm(tmp_path):
+    """The second `train` on a locked run directory exits 2 naming the holder's PID; the
+    first, sent SIGTERM (what schedulers send), checkpoints and exits 143."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "flowattn", "train", "--run-dir", str(run_dir), *SMALL[2:]]
+    first = subprocess.Popen([*argv, "--steps", "100000", "--checkpoint-every", "100000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lock = run_dir / "lock"
+        deadline = time.monotonic() + 120
+        while not (lock.is_file() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it train a few steps
+        second = subprocess.run([*argv, "--steps", "6"], capture_output=True, text=True)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"in use by process {first.pid}" in lines[0]
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143, err
+    assert "SIGTERM at step" in out and (run_dir / "checkpoint.pt").is_file()
+    assert lock.read_text() == ""  # released
+    assert not list(run_dir.glob(".checkpoint.pt.*.tmp"))
+    assert (
+        os.stat(run_dir / "checkpoint.pt").st_mode & 0o777
+        == os.stat(run_dir / "config.toml").st_mode & 0o777
+    )

@@ -1,6 +1,9 @@
+import math
+
 import pytest
 import torch
 
+from flowattn.checkpoint import load_checkpoint
 from flowattn.runs import RunConfig, load_run_model, run_training
 from flowattn.training import NonFiniteLossError, Trainer
 
@@ -63,7 +66,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch)
     with pytest.raises(_Killed):
         run_training(killed, progress=False, log=_quiet)
     monkeypatch.undo()
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert load_checkpoint(tmp_path / "killed")["trainer"]["step"] == 6
     run_training(killed, resume=True, progress=False, log=_quiet)
     for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "killed"), strict=True):
         assert torch.equal(a, b)
@@ -81,8 +84,9 @@ def test_ctrl_c_writes_a_final_checkpoint(tmp_path, monkeypatch):
     lines = []
     summary = run_training(_config(tmp_path, steps=10), progress=False, log=lines.append)
     assert summary.interrupted and summary.steps == 3
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
-    assert any("interrupted at step 3" in line for line in lines)
+    assert load_checkpoint(tmp_path / "run")["trainer"]["step"] == 3
+    assert summary.interrupted == "Ctrl-C"
+    assert any("Ctrl-C at step 3: checkpoint written" in line for line in lines)
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -103,10 +107,10 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_pa
     lines = []
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
         run_training(config, progress=False, log=lines.append)
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(tmp_path / "run")["trainer"]
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    assert any("last good checkpoint" in line for line in lines)
+    assert any("last good checkpoint (step 4)" in line for line in lines)
 
 
 def test_config_keys_are_checked(tmp_path):
@@ -120,3 +124,83 @@ def test_config_keys_are_checked(tmp_path):
     path.write_text('steps = 5\n[model]\nattention = "l2"\n')
     config = RunConfig.from_file(path, steps=7)
     assert config.steps == 7 and config.model == {"attention": "l2"}
+
+
+def _files(run_dir):
+    """Every file of a run directory with its bytes (to check that nothing changed)."""
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
+
+
+def test_divergence_never_overwrites_the_good_checkpoint(tmp_path, monkeypatch):
+    """A step whose loss was finite but whose weights are not usable (here: one weight
+    blown to inf, an ActNorm scale that overflows) is never checkpointed; the good one
+    still evaluates to a finite bpd; config.toml records what the resume changed."""
+    config = _config(tmp_path, steps=4, checkpoint_every=2, eval_every=0)
+    run_training(config, progress=False, log=_quiet)
+    run = tmp_path / "run"
+    original_toml = (run / "config.toml").read_text()
+    before = load_checkpoint(run)["trainer"]["step"]
+    assert before == 4
+
+    original = Trainer.train_step
+
+    def blows_up(self):
+        loss = original(self)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", blows_up)
+    lines = []
+    resumed = RunConfig.from_file(run / "config.toml", steps=8, lr=1000.0, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint \(step 4\) is kept"):
+        run_training(resumed, resume=True, progress=False, log=lines.append)
+    monkeypatch.undo()
+    assert load_checkpoint(run)["trainer"]["step"] == 4
+    assert any("not checkpointed" in x and "last good checkpoint (step 4)" in x for x in lines)
+    model, _ = load_run_model(run)
+    x = RunConfig.from_file(run / "config.toml").images("test", 16)
+    assert math.isfinite(model.bits_per_dim(x).mean)
+    toml = (run / "config.toml").read_text()
+    assert toml.startswith(original_toml)  # the run's history is kept...
+    assert "[[resumed]]" in toml and "lr = 1000.0" in toml.split("[[resumed]]")[1]
+    assert RunConfig.from_file(run / "config.toml").lr == 1000.0  # ...and applied in order
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_so(tmp_path, monkeypatch):
+    original = Trainer.train_step
+
+    def nan_from_the_start(self):
+        loss = original(self)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", nan_from_the_start)
+    lines = []
+    config = _config(tmp_path, steps=3, checkpoint_every=1, eval_every=0)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
+        run_training(config, progress=False, log=lines.append)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert any("no checkpoint has been written yet" in line for line in lines)
+    assert not any("is kept" in line for line in lines)
+
+
+def test_resume_into_a_run_of_another_model_is_refused_before_anything_changes(tmp_path):
+    config = _config(tmp_path, steps=2, eval_every=0)
+    run_training(config, progress=False, log=_quiet)
+    run = tmp_path / "run"
+    before = _files(run)
+    other = RunConfig.from_file(run / "config.toml", model={"hidden": 16})
+    with pytest.raises(ValueError, match="holds a different model") as error:
+        run_training(other, resume=True, progress=False, log=_quiet)
+    assert "hidden 8 -> 16" in str(error.value) and "\n" not in str(error.value)
+    assert _files(run) == before
+
+
+def test_plain_progress_lines_without_a_terminal(tmp_path):
+    lines = []
+    run_training(_config(tmp_path, steps=40, eval_every=0), progress=False, log=lines.append)
+    steps = [line for line in lines if line.startswith("step ") and "train loss" in line]
+    assert len(steps) == 20 and steps[0].startswith("step 2/40")
+    assert not any("\r" in line for line in lines)
