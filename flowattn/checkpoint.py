@@ -64,18 +64,17 @@ def remove_stale_temporaries(directory: str | Path, name: str = CHECKPOINT_NAME)
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, *, keep_previous: bool = True) -> Path:
     """Writes ``state`` to ``path`` atomically (temporary file, then rename), keeping the
-        file it replaces as ``checkpoint.prev.pt`` beside it (``keep_previous``).
+    file it replaces as ``checkpoint.prev.pt`` beside it (``keep_previous``).
 
-        ``state`` must hold only what ``torch.load(weights_only=True)`` reads back: tensors,
-        numbers, strings, None, and lists, tuples and dicts of them.
+    ``state`` must hold only what ``torch.load(weights_only=True)`` reads back: tensors,
+    numbers, strings, None, and lists, tuples and dicts of them.
 
-        Examples:
-            >>> import tempfile
-    import zipfile
-            >>> with tempfile.TemporaryDirectory() as d:
-            ...     path = save_checkpoint({"step": 3}, Path(d) / "ckpt.pt")
-            ...     load_checkpoint(path)["step"]
-            3
+    Examples:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = save_checkpoint({"step": 3}, Path(d) / "ckpt.pt")
+        ...     load_checkpoint(path)["step"]
+        3
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -161,7 +161,7 @@ def _npz(path: Path, split: str, key: str | None) -> ImageTensorDataset:
         if isinstance(error, DataError):
             raise
         if not zipfile.is_zipfile(path):
-            raise DataError(f"{path} is not an .npz archive (not a zip file)") from None
+            raise DataError(f"cannot read {path}: not an .npz archive (not a zip file)") from None
         raise DataError(f"cannot read {path} as an .npz archive: {error}") from None
     images = _as_nchw(images, f"{path}[{key!r}]")
     label_tensor = None
