@@ -131,6 +131,19 @@ def _files(run_dir):
     return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
 
 
+def _corrupt_after_each_step(monkeypatch, value: float) -> None:
+    """Every training step (whose loss was finite) then sets one weight to ``value``."""
+    original = Trainer.train_step
+
+    def corrupted(self):
+        loss = original(self)
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(value)
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", corrupted)
+
+
 def test_divergence_never_overwrites_the_good_checkpoint(tmp_path, monkeypatch):
     """A step whose loss was finite but whose weights are not usable (here: one weight
     blown to inf, an ActNorm scale that overflows) is never checkpointed; the good one
@@ -142,15 +155,7 @@ def test_divergence_never_overwrites_the_good_checkpoint(tmp_path, monkeypatch):
     before = load_checkpoint(run)["trainer"]["step"]
     assert before == 4
 
-    original = Trainer.train_step
-
-    def blows_up(self):
-        loss = original(self)
-        with torch.no_grad():
-            next(self.model.parameters()).fill_(float("inf"))
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", blows_up)
+    _corrupt_after_each_step(monkeypatch, float("inf"))
     lines = []
     resumed = RunConfig.from_file(run / "config.toml", steps=8, lr=1000.0, checkpoint_every=1)
     with pytest.raises(NonFiniteLossError, match=r"last good checkpoint \(step 4\) is kept"):
@@ -168,15 +173,7 @@ def test_divergence_never_overwrites_the_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_says_so(tmp_path, monkeypatch):
-    original = Trainer.train_step
-
-    def nan_from_the_start(self):
-        loss = original(self)
-        with torch.no_grad():
-            next(self.model.parameters()).fill_(float("nan"))
-        return loss
-
-    monkeypatch.setattr(Trainer, "train_step", nan_from_the_start)
+    _corrupt_after_each_step(monkeypatch, float("nan"))
     lines = []
     config = _config(tmp_path, steps=3, checkpoint_every=1, eval_every=0)
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
