@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,6 +171,8 @@ def _bad_invocations(run, tmp):
         (["train", "--run-dir", str(run), "--resume", *SMALL[6:], "--model", "hidden=16"],
          "holds a different model"),
         (["train", "--run-dir", str(run), "--resume", "--model", "preset=glow"], "preset"),
+        (["train", "--run-dir", str(run), "--resume", "--preset", "glow"],
+         "holds a different model"),
         (["reconstruct", str(run), "--images", str(tmp / "notes.txt")], "not an image file"),
         (["reconstruct", str(run), "--images", str(tmp / "fake.png")], "not an image file"),
         (["reconstruct", str(run), "--images", str(tmp / "fake.npz")], "not an .npz archive"),
@@ -287,3 +290,46 @@ def test_two_trainings_in_one_run_directory_and_sigterm(tmp_path):
         os.stat(run_dir / "checkpoint.pt").st_mode & 0o777
         == os.stat(run_dir / "config.toml").st_mode & 0o777
     )
+
+
+def test_a_read_only_run_directory_is_a_one_line_error(run, tmp_path):
+    """Writes into a run directory the user cannot write to fail with one line, exit 2,
+    and change nothing. Root ignores permissions, so as root the commands run as the
+    unprivileged user 'nobody' (setpriv); as anyone else, as themselves."""
+    import os
+    import shutil
+    import stat
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="flowattn-ro-"))
+    try:
+        ro = base / "run"
+        shutil.copytree(run, ro)
+        for path in (base, ro, *ro.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH
+                 | stat.S_IXOTH)  # fmt: skip
+        before = _run_files(ro)
+        prefix = []
+        if os.geteuid() == 0:
+            prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        python = [*prefix, sys.executable, "-m", "flowattn"]
+        home = base / "home"  # writable by the unprivileged user (matplotlib's cache)
+        home.mkdir()
+        home.chmod(0o777)
+        env = {**os.environ, "HOME": str(home), "MPLCONFIGDIR": str(home)}
+        for argv in (
+            ["train", "--run-dir", str(ro), "--resume", "--steps", "9", "--no-progress"],
+            ["sample", str(ro), "-n", "4", "-o", str(ro / "more.png")],
+        ):
+            done = subprocess.run([*python, *argv], capture_output=True, text=True, env=env)
+            lines = done.stderr.strip().splitlines()
+            assert done.returncode == 2, done.stderr
+            assert len(lines) == 1, done.stderr
+            assert "read-only" in lines[0] or "cannot write" in lines[0], lines[0]
+        assert _run_files(ro) == before
+    finally:
+        for path in base.rglob("*"):
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)

@@ -151,6 +151,7 @@ def test_divergence_never_overwrites_the_good_checkpoint(tmp_path, monkeypatch):
     config = _config(tmp_path, steps=4, checkpoint_every=2, eval_every=0)
     run_training(config, progress=False, log=_quiet)
     run = tmp_path / "run"
+    (run / ".checkpoint.pt.dead1234.tmp").write_bytes(b"")  # left by a killed write
     original_toml = (run / "config.toml").read_text()
     before = load_checkpoint(run)["trainer"]["step"]
     assert before == 4
@@ -163,6 +164,8 @@ def test_divergence_never_overwrites_the_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(run)["trainer"]["step"] == 4
     assert any("not checkpointed" in x and "last good checkpoint (step 4)" in x for x in lines)
+    assert any("removed .checkpoint.pt.dead1234.tmp" in x for x in lines)
+    assert not list(run.glob(".checkpoint.pt.*.tmp"))
     model, _ = load_run_model(run)
     x = RunConfig.from_file(run / "config.toml").images("test", 16)
     assert math.isfinite(model.bits_per_dim(x).mean)
