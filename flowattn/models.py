@@ -132,6 +132,8 @@ class ModelConfig:
         attention: Invertible kind (residual presets: one of
             :data:`~flowattn.transforms.KINDS`), ``sagan`` (Glow presets), or None.
         attention_coeff: Lipschitz coefficient of the invertible attention step.
+        attention_certified: For the paper's four kinds, the certified version (default)
+            or, with False, the faithful uncertified reproduction.
         attention_options: Extra branch options (``heads``, ``slots``, ``reduction``...).
         estimator: The training log-det estimator of residual presets: ``roulette``
             (default: unbiased, geometric number of terms chosen from the certified
@@ -158,6 +160,7 @@ class ModelConfig:
     activation: str | None = None
     attention: str | None = None
     attention_coeff: float = 0.9
+    attention_certified: bool = True
     attention_options: dict[str, Any] = field(default_factory=dict)
     estimator: str | None = None
     n_terms: int | None = None
@@ -272,16 +275,18 @@ def _residual_level(config: ModelConfig, channels: int, level: int) -> list[Tran
             ),
         ]
     if level == 0 and config.attention is not None:
-        if config.attention in CERTIFIED_KINDS or config.estimator != "roulette":
+        certified = config.attention in CERTIFIED_KINDS or config.attention_certified
+        if certified or config.estimator != "roulette":
             attention_estimator = estimator(config.attention_coeff)
         else:
-            # An uncertified paper kind can be far from contractive: the full series the
-            # roulette estimates then diverges (non-finite losses), so it trains with the
-            # paper's own truncated series, as the paper does.
+            # A faithful (uncertified) paper kind can be far from contractive: the full
+            # series the roulette estimates then diverges (non-finite losses), so it
+            # trains with the paper's own truncated series, as the paper does.
             attention_estimator = make_estimator("series", n_terms=5, n_probes=config.n_probes)
         step = invertible_attention(
             config.attention,
             channels,
+            certified=config.attention_certified,
             coeff=config.attention_coeff,
             estimator=attention_estimator,
             solver=config.solver,

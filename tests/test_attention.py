@@ -5,9 +5,9 @@ from conftest import dense_jacobian_of, stress_weights
 
 from flowattn import invertible_attention
 from flowattn.transforms import (
-    CERTIFIED_KINDS,
     KINDS,
     PAPER_KINDS,
+    CertifiedPaperAttention,
     ExternalAttention,
     L2SelfAttention,
     PaperAttention,
@@ -39,7 +39,7 @@ def test_shapes_any_size(kind, shape):
     assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
 
 
-@pytest.mark.parametrize("kind", CERTIFIED_KINDS)
+@pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default
 @pytest.mark.parametrize("n", sorted(SIZES))
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_certificate_holds_at_random_and_large_inputs(kind, n, scale):
@@ -51,7 +51,7 @@ def test_certificate_holds_at_random_and_large_inputs(kind, n, scale):
     assert float(jac.abs().sum(-1).max()) <= bound
 
 
-@pytest.mark.parametrize("kind", CERTIFIED_KINDS)
+@pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default
 @pytest.mark.parametrize("n", sorted(SIZES))
 def test_certificate_holds_when_one_pixel_dominates(kind, n):
     branch = _certified_branch(kind)
@@ -63,7 +63,7 @@ def test_certificate_holds_when_one_pixel_dominates(kind, n):
     assert attn.shape[:2] == (2, n)
 
 
-@pytest.mark.parametrize("kind", CERTIFIED_KINDS)
+@pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default
 @pytest.mark.parametrize("n", sorted(SIZES))
 def test_certificate_holds_at_inputs_maximising_the_jacobian_norm(kind, n):
     """Gradient ascent on the l1 norm of Jacobian rows (each row is one l-inf candidate)."""
@@ -107,8 +107,8 @@ def test_external_bound_is_independent_of_n():
 
 
 @pytest.mark.parametrize("kind", PAPER_KINDS)
-def test_paper_kinds_are_uncertified_and_report_their_jacobian_norm(kind):
-    step = invertible_attention(kind, 4).double()
+def test_faithful_paper_kinds_are_uncertified_and_report_their_jacobian_norm(kind):
+    step = invertible_attention(kind, 4, certified=False).double()
     assert step.lipschitz_bound() is None
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
     estimate = step.branch.estimate_lipschitz(x, n_iter=100)
@@ -119,7 +119,7 @@ def test_paper_kinds_are_uncertified_and_report_their_jacobian_norm(kind):
 
 def test_paper_dot_is_not_contractive_at_large_inputs():
     """The reason these kinds are uncertified: the Jacobian norm exceeds 1."""
-    step = invertible_attention("dot", 8).double()
+    step = invertible_attention("dot", 8, certified=False).double()
     x = torch.randn(4, 8, 4, 4, dtype=torch.float64) * 10
     assert float(step.branch.estimate_lipschitz(x).max()) > 1
 
@@ -175,3 +175,47 @@ def test_factory_passes_options_through():
     assert step.branch.heads == 2
     assert step.estimator.n_exact == 3 and step.estimator.distribution == "poisson"
     assert step.solver == "banach" and step.max_iter == 50 and step.strict
+
+
+@pytest.mark.parametrize("kind", PAPER_KINDS)
+def test_certified_paper_kinds_keep_their_similarity_and_response(kind):
+    """Certified by default; tanh features; softmax rows for the exponential kinds, the
+    non-local normalisation by N of ELU similarities for dot and concat."""
+    step = invertible_attention(kind, 8)
+    branch = step.branch.double()
+    assert isinstance(branch, CertifiedPaperAttention) and branch.certified_norm == "inf"
+    assert step.lipschitz_bound() <= 0.9 * (1 + 1e-9)
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64) * 3
+    u = torch.tanh(x.flatten(2).transpose(1, 2))  # (B, N, C)
+    n = u.shape[1]
+    if kind == "gaussian":
+        expected = torch.softmax(u @ u.transpose(1, 2), dim=-1)
+    else:
+        theta, phi = branch.theta(u), branch.phi(u)
+        if kind == "embedded_gaussian":
+            expected = torch.softmax(phi @ theta.transpose(1, 2), dim=-1)
+        elif kind == "dot":
+            expected = F.elu(phi @ theta.transpose(1, 2)) / n
+        else:
+            pairs = torch.cat(
+                [
+                    phi[:, :, None, :].expand(-1, n, n, -1),
+                    theta[:, None, :, :].expand(-1, n, n, -1),
+                ],
+                dim=-1,
+            )  # (B, N_out, N_in, 2C'): the concatenation, naively
+            w = branch.concat.weight[0]
+            w_concat = torch.cat([w[phi.shape[-1] :], w[: phi.shape[-1]]])  # [w_phi; w_theta]
+            expected = F.elu(pairs @ w_concat) / n
+    torch.testing.assert_close(branch.attention_map(x), expected)
+    if kind in ("gaussian", "embedded_gaussian"):
+        torch.testing.assert_close(expected.sum(-1), torch.ones(2, n, dtype=torch.float64))
+
+
+def test_certified_switch_and_bound_independent_of_n():
+    assert invertible_attention("dot", 4, certified=False).lipschitz_bound() is None
+    assert invertible_attention("external", 4, certified=False).lipschitz_bound() is not None
+    branch = CertifiedPaperAttention(4, "concat")
+    assert branch.lipschitz_bound(16) == branch.lipschitz_bound(4096)
+    with pytest.raises(ValueError, match="unknown paper kind"):
+        CertifiedPaperAttention(4, "external")

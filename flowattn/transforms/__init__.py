@@ -10,11 +10,13 @@ from .attention import (
     PaperAttention,
     invertible_attention,
 )
+from .certified_paper_attention import CertifiedPaperAttention
 from .residual import ConvergenceError, ConvergenceWarning, ResidualTransform
 
 __all__ = [
     "AttentionBranch",
     "CERTIFIED_KINDS",
+    "CertifiedPaperAttention",
     "ConvergenceError",
     "ConvergenceWarning",
     "ExternalAttention",

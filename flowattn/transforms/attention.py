@@ -4,17 +4,18 @@ Every branch maps images (B, C, H, W) to (B, C, H, W) and is meant as the residu
 branch g of :class:`~flowattn.transforms.residual.ResidualTransform`. Pixels are
 the N = H W tokens, channels their features.
 
-* :class:`PaperAttention` (``gaussian``, ``embedded_gaussian``, ``dot``, ``concat``):
-  faithful to Zha et al. (2021): spectrally normalised 1x1 maps with coefficient c,
-  attention divided by 1.5 times its sum over queries, output map :math:`W_L`.
+* :class:`PaperAttention` (``gaussian``, ``embedded_gaussian``, ``dot``, ``concat`` with
+  ``certified=False``): faithful to Zha et al. (2021): spectrally normalised 1x1 maps
+  with coefficient c, attention divided by 1.5 times its sum over queries, output map :math:`W_L`.
   These are *not* provably contractive (exp and ELU of unbounded dot products, sums
   that can approach zero); :meth:`lipschitz_bound` returns None and
   :meth:`estimate_lipschitz` measures the local Jacobian norm.
 * :class:`ExternalAttention` (``external``): external attention with double
   normalisation (Guo et al., 2021), certified in :math:`\ell_\infty` independently of N.
 * :class:`L2SelfAttention` (``l2``): L2 self-attention with tied query and key
-  (Kim et al., 2021), certified in :math:`\ell_\infty` with a bound growing as log N;
-  it is the certified counterpart of the (embedded) Gaussian kinds.
+  (Kim et al., 2021), certified in :math:`\ell_\infty` with a bound growing as log N.
+* :class:`~flowattn.transforms.certified_paper_attention.CertifiedPaperAttention`: the
+  paper's four kinds made certified (the default of :func:`invertible_attention`).
 
 References:
     | Invertible Attention (Zha et al., 2021)
@@ -389,6 +390,7 @@ def invertible_attention(
     kind: str,
     channels: int,
     *,
+    certified: bool = True,
     coeff: float = 0.9,
     estimator: str | LogDetEstimator = "series",
     n_terms: int = 5,
@@ -398,9 +400,14 @@ def invertible_attention(
     r"""Builds an invertible attention flow step :math:`y = x + g(x)`.
 
     Arguments:
-        kind: The branch: ``gaussian``, ``embedded_gaussian``, ``dot``, ``concat``
-            (the paper's, uncertified), ``external`` or ``l2`` (certified).
+        kind: The branch: the paper's ``gaussian``, ``embedded_gaussian``, ``dot``,
+            ``concat``, or ``external``, ``l2``.
         channels: Number of channels C of the (B, C, H, W) inputs.
+        certified: For the paper's kinds, the certified version
+            (:class:`~flowattn.transforms.certified_paper_attention.CertifiedPaperAttention`,
+            the default: :math:`\mathrm{Lip}_\infty(g) \leq` ``coeff`` for every input) or,
+            with False, the faithful reproduction (:class:`PaperAttention`, uncertified,
+            ``lipschitz_bound()`` None). ``external`` and ``l2`` are certified either way.
         coeff: Lipschitz coefficient c < 1.
         estimator: ``"series"`` (truncated power series), ``"roulette"`` (unbiased
             Russian roulette), ``"exact"``, or a :class:`~flowattn.logdet.LogDetEstimator`.
@@ -423,6 +430,10 @@ def invertible_attention(
     if kind not in _BRANCHES:
         raise ValueError(f"unknown attention kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     branch_cls = _BRANCHES[kind]
+    if kind in PAPER_KINDS and certified:
+        from .certified_paper_attention import CertifiedPaperAttention
+
+        branch_cls = CertifiedPaperAttention
     branch_names = _option_names(branch_cls) - {"channels", "coeff", "kind"}
     residual_opts = {k: options.pop(k) for k in _RESIDUAL_OPTIONS if k in options}
     branch_opts = {k: options.pop(k) for k in list(options) if k in branch_names}
@@ -441,8 +452,8 @@ def invertible_attention(
             f"{estimator!r}; valid options: {', '.join(valid)}"
         )
     est = make_estimator(estimator, **est_opts)
-    if branch_cls is PaperAttention:
-        branch = PaperAttention(channels, kind, coeff=coeff, **branch_opts)
+    if kind in PAPER_KINDS:
+        branch = branch_cls(channels, kind, coeff=coeff, **branch_opts)
     else:
         branch = branch_cls(channels, coeff=coeff, **branch_opts)
     return ResidualTransform(branch, est, **residual_opts)
