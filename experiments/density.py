@@ -13,7 +13,8 @@ error is valid); every model sees the same images and dequantisation noise, and 
 difference from the ``baseline`` model is reported as a paired difference with its
 standard error. 64 samples are drawn and timed.
 
-A model spec is ``preset``, ``preset:attention``, and optionally ``@estimator`` for the
+A model spec is ``preset``, ``preset:attention`` (``preset:faithful:<kind>`` for the
+paper's uncertified reproduction of a kind), and optionally ``@estimator`` for the
 training log-det estimator (``iresnet@series`` trains with i-ResNet's truncated series;
 the default is the unbiased roulette); a series-trained model also gets the figure its
 own series would claim, with the series' certified bias bound.
@@ -59,6 +60,7 @@ from flowattn.transforms import ConvergenceWarning
 from flowattn.transforms.attention import KINDS
 
 MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
+FAITHFUL = "faithful:"  # iresnet-attn:faithful:dot is the paper's uncertified dot kind
 SIGNIFICANT_Z = 2.0  # a paired difference this many standard errors from zero
 
 
@@ -88,10 +90,14 @@ class Config(DataConfig):
 
 
 def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> ModelConfig:
-    """The model of a spec ``preset[:attention][@estimator]`` with the run's options."""
+    """The model of a spec ``preset[:attention][@estimator]`` with the run's options; an
+    attention ``faithful:<kind>`` is the paper's uncertified reproduction of the kind."""
     spec, _, estimator = spec.partition("@")
     preset, _, attention = spec.partition(":")
     options = {"preset": preset, "image_shape": image_shape, **config.model}
+    if attention.startswith(FAITHFUL):
+        attention = attention.removeprefix(FAITHFUL)
+        options["attention_certified"] = False
     if attention:
         options["attention"] = attention
     if estimator:

@@ -71,7 +71,9 @@ ORDINARY = {
     "dnl": ordinary.DisentangledNonLocal2d,
     "criss-cross": ordinary.CrissCrossAttention2d,
 }
-VARIANTS = (*PAPER_KINDS, *CERTIFIED_KINDS, *ORDINARY)
+# The paper's kinds twice: the faithful reproduction and the certified version.
+FAITHFUL = tuple(f"faithful:{kind}" for kind in PAPER_KINDS)
+VARIANTS = (*FAITHFUL, *PAPER_KINDS, *CERTIFIED_KINDS, *ORDINARY)
 
 
 class AttentionTerm(nn.Module):
@@ -87,9 +89,11 @@ class AttentionTerm(nn.Module):
 
 
 def group_of(variant: str) -> str:
-    """``paper``, ``certified`` or ``ordinary``."""
+    """``paper (faithful)``, ``paper (certified)``, ``certified`` or ``ordinary``."""
+    if variant in FAITHFUL:
+        return "paper (faithful)"
     if variant in PAPER_KINDS:
-        return "paper"
+        return "paper (certified)"
     return "certified" if variant in CERTIFIED_KINDS else "ordinary"
 
 
@@ -99,6 +103,9 @@ def build_step(variant: str, channels: int, coeff: float) -> ResidualTransform:
         return ResidualTransform(ordinary.CBAM(channels))
     if variant in ORDINARY:
         return ResidualTransform(AttentionTerm(ORDINARY[variant](channels)))
+    if variant in FAITHFUL:
+        kind = variant.removeprefix("faithful:")
+        return invertible_attention(kind, channels, certified=False, coeff=coeff)
     if variant in VARIANTS:
         return invertible_attention(variant, channels, coeff=coeff)
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")

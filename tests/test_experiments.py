@@ -56,19 +56,19 @@ def test_every_variant_builds_and_inverts_at_initialisation(variant):
         y_again, _ = step(x_back)
     assert step.last_inverse.converged
     assert (y_again - y).abs().max() < 1e-4  # the solver found a preimage of y
-    if variant != "concat":
+    if variant != "faithful:concat":
         assert (x_back - x).abs().max() < 1e-4  # and it is x
-    # concat's branch (ELU of a sum, unbounded) is not a contraction even at
+    # the faithful concat branch (ELU of a sum, unbounded) is not a contraction even at
     # initialisation: its fixed point need not be unique, and here it is another one.
 
 
 def test_unknown_variant_names_the_valid_ones():
-    with pytest.raises(ValueError, match="valid: gaussian"):
+    with pytest.raises(ValueError, match="valid: faithful:gaussian"):
         invertibility.build_step("sagann", 4, 0.9)
 
 
 def test_invertibility_experiment_end_to_end(tmp_path):
-    kinds = "external,l2,gaussian,sagan,cbam"
+    kinds = "external,l2,gaussian,faithful:dot,sagan,cbam"
     invertibility.main(
         ["--dataset", "digits", "--kinds", kinds, "--steps", "20", "--test-images", "16",
          "--show", "4", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path),
@@ -76,13 +76,15 @@ def test_invertibility_experiment_end_to_end(tmp_path):
     )  # fmt: skip
     rows = {r["variant"]: r for r in _rows(tmp_path / "results.csv")}
     assert list(rows) == kinds.split(",")
-    for kind in ("external", "l2"):  # certified: the inverse must be exact to float32
+    for kind in ("external", "l2", "gaussian"):  # certified: the inverse is exact to float32
         assert rows[kind]["converged"] == "True"
         assert float(rows[kind]["max_abs_levels"]) < 1e-2
         assert float(rows[kind]["exact_uint8"]) == 1.0
         assert rows[kind]["exact_images"] == "16/16"
         assert rows[kind]["certified_bound"].endswith("(l-inf)")
     assert rows["sagan"]["certified_bound"] == "none"
+    assert rows["faithful:dot"]["certified_bound"] == "none"
+    assert rows["gaussian"]["group"] == "paper (certified)"
     table = (tmp_path / "results.md").read_text()
     assert "1500 training images, 16 held-out images" in table
     assert all(f"| {kind} |" in table for kind in kinds.split(","))
@@ -207,3 +209,12 @@ def test_svhn_and_celeba_configs_run_on_files_in_torchvision_layouts(tmp_path):
         row = _rows(out / "results.csv")[0]
         assert row["exact_images"] == "2/2"
         assert "32x32" in (out / "results.md").read_text() or name == "svhn"
+
+
+def test_density_specs_name_faithful_and_certified_paper_kinds():
+    config = density.Config()
+    certified = density.model_config("iresnet-attn:dot", config, (3, 32, 32))
+    faithful = density.model_config("iresnet-attn:faithful:dot@series", config, (3, 32, 32))
+    assert certified.attention == faithful.attention == "dot"
+    assert certified.attention_certified and not faithful.attention_certified
+    assert faithful.estimator == "series" and certified.estimator == "roulette"
