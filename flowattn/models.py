@@ -233,6 +233,10 @@ class ModelConfig:
                 f"{self.scales} scales need H and W divisible by {2**self.scales}; "
                 f"image_shape is {self.image_shape}: use fewer scales"
             )
+        if not isinstance(self.attention_certified, bool):
+            raise ValueError(
+                f"attention_certified must be true or false, got {self.attention_certified!r}"
+            )
         if not 0 < self.coeff < 1 or not 0 < self.attention_coeff < 1:
             raise ValueError("coeff and attention_coeff must be in (0, 1)")
         if self.preprocess not in PREPROCESSING:

@@ -320,3 +320,14 @@ def test_config_file_and_sizes(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such config"):
         build_model(tmp_path / "missing.toml")
     assert set(PRESETS) == {"iresnet", "iresnet-attn", "resflow", "glow", "glow-attn"}
+
+
+def test_attention_certified_switch_reaches_the_model():
+    certified = _model("iresnet-attn", "dot")
+    faithful = _model("iresnet-attn", "dot", attention_certified=False)
+    bounds = [b for name, b in certified.lipschitz_bounds().items() if "Attention" in name]
+    assert len(bounds) == 1 and bounds[0] <= 0.9 * (1 + 1e-9)
+    assert [b for n, b in faithful.lipschitz_bounds().items() if "Attention" in n] == [None]
+    assert "power series" in faithful.estimator_description()  # the faithful kind's series
+    with pytest.raises(ValueError, match="attention_certified must be true or false"):
+        _model("iresnet-attn", "dot", attention_certified="no")
