@@ -379,6 +379,7 @@ def run(config: Config) -> list[dict]:
         curves[spec] = curve
         if image_values is not None:
             values[spec] = image_values
+        rows.sort(key=lambda r: config.models.index(r["model"]))  # the config's order
         # after every model: partial results survive
         write_results(rows, curves, values, header, config.baseline, out)
         plot_curves(curves, header, out / "bpd_vs_time.png")
