@@ -20,8 +20,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import math
 import statistics
@@ -30,6 +28,7 @@ import sys
 import time
 
 import torch
+from measure import peak_rss_rise_mib, return_freed_memory_to_the_os
 
 from flowattn import invertible_attention
 from flowattn.transforms import CERTIFIED_KINDS, KINDS
@@ -77,23 +76,6 @@ def time_kind(args, kind: str) -> float:
     return statistics.median(times)
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _return_freed_memory_to_the_os() -> None:
-    """Make glibc serve blocks >= 64 KiB with mmap, so freed tensors leave the resident
-    set at once and the resident size tracks the memory really in use."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    libc.mallopt(m_trim_threshold, 64 * 1024)
-
-
 def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> float:
     """Peak memory of one step above the memory in use before it.
 
@@ -119,18 +101,13 @@ def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> fl
 
 def memory_child(args) -> None:
     """Prints the peak resident-set rise (MiB) of one CPU step, in this fresh process."""
-    _return_freed_memory_to_the_os()
+    return_freed_memory_to_the_os()
     kind, n_terms, memory_efficient = json.loads(args.memory_child)
     torch.manual_seed(0)
     step = make_step(args, kind, n_terms, memory_efficient)
     x = torch.randn(args.batch, args.channels, args.size, args.size) * 0.5
     one_step(step, x)  # warm-up: lazy initialisation
-    # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM).
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    base = _proc_status_kib("VmRSS")
-    one_step(step, x)
-    print((_proc_status_kib("VmHWM") - base) / 1024)
+    print(peak_rss_rise_mib(lambda: one_step(step, x)))
 
 
 def main() -> None:

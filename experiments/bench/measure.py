@@ -1,0 +1,50 @@
+"""Measuring helpers shared by the benchmarks: peak memory of a step on CPU (Linux), and
+the median ratio of paired timings with a bootstrap confidence interval."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import random
+import statistics
+from collections.abc import Callable, Sequence
+
+
+def proc_status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Make glibc serve blocks >= 64 KiB with mmap, so freed tensors leave the resident
+    set at once and the resident size tracks the memory really in use."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.mallopt(m_trim_threshold, 64 * 1024)
+
+
+def peak_rss_rise_mib(step: Callable[[], None]) -> float:
+    """The peak resident-set rise (MiB) of one call of ``step`` above the resident size
+    before it. Call it in a fresh process after :func:`return_freed_memory_to_the_os`
+    and one warm-up call, so that memory kept from earlier work cannot hide the peak."""
+    # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM).
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    base = proc_status_kib("VmRSS")
+    step()
+    return (proc_status_kib("VmHWM") - base) / 1024
+
+
+def median_ratio_ci(
+    numerators: Sequence[float], denominators: Sequence[float], *, draws: int = 4000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Median of the paired ratios and its 95% bootstrap interval (resampling pairs)."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return statistics.median(ratios), boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]
