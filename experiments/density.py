@@ -326,16 +326,17 @@ def plot_curves(curves: dict, header: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     finite = []
-    for spec, curve in curves.items():
+    colours = plt.get_cmap("tab20")  # one colour per model, up to 20
+    for index, (spec, curve) in enumerate(curves.items()):
         points = [p for p in curve if math.isfinite(p["test_bpd"])]
         t = [p["train_s"] / 60 for p in points]
         bpd = [p["test_bpd"] for p in points]
         finite += bpd[1:]
         style = "--" if spec.startswith("glow") else "-"
         label = spec if len(points) > 1 else f"{spec} (non-finite: not shown)"
-        ax.plot(t, bpd, style, marker="o", markersize=3, label=label)
+        ax.plot(t, bpd, style, marker="o", markersize=3, label=label, color=colours(index % 20))
     if finite:  # the first evaluation (untrained) would squash the rest of the plot
         low, high = min(finite), sorted(finite)[int(0.9 * (len(finite) - 1))]
         ax.set_ylim(low - 0.05 * (high - low + 0.1), high + 0.3 * (high - low + 0.1))
@@ -343,7 +344,7 @@ def plot_curves(curves: dict, header: str, path: Path) -> None:
     ax.set_ylabel("test bits/dim (EMA weights)")
     ax.set_title("\n".join(textwrap.wrap(header, 110)), fontsize=7, loc="left")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
