@@ -32,6 +32,7 @@ from __future__ import annotations
 
 __all__ = [
     "AttentionBranch",
+    "BoundedOutputBranch",
     "CERTIFIED_KINDS",
     "ExternalAttention",
     "KINDS",
@@ -187,7 +188,30 @@ class PaperAttention(AttentionBranch):
         return f"kind={self.kind!r}, channels={self.channels}, coeff={self.coeff}"
 
 
-class ExternalAttention(AttentionBranch):
+class BoundedOutputBranch(AttentionBranch):
+    r"""Base of branches certified in :math:`\ell_\infty` by a bound independent of N:
+    subclasses give :meth:`_raw_bound` (the bound of the branch before its output map is
+    scaled) and an output map ``self.out`` (``nn.Linear``), which is scaled by
+    :math:`s = \min(1, c / \text{raw bound})` so the bound is at most ``coeff``."""
+
+    certified_norm = "inf"
+
+    def _raw_bound(self) -> Tensor:
+        raise NotImplementedError
+
+    def _output(self, mixed: Tensor, like: Tensor) -> Tensor:
+        """``s W_out mixed + b`` for mixed tokens (B, N, hidden), as an image like ``like``."""
+        scale = _contraction_scale(self.coeff, self._raw_bound())
+        return _image(scale * F.linear(mixed, self.out.weight) + self.out.bias, like)
+
+    def lipschitz_bound(self, num_pixels: int | None = None) -> float:
+        r"""The certified :math:`\ell_\infty` bound (the same for every N)."""
+        with torch.no_grad():
+            raw = self._raw_bound()
+            return float(_contraction_scale(self.coeff, raw) * raw)
+
+
+class ExternalAttention(BoundedOutputBranch):
     r"""External attention with double normalisation, certified in :math:`\ell_\infty`.
 
     .. math:: g(x)_i = s \, W_2 M_v \, \mathrm{DN}(M_k W_1 x)_i + b, \qquad
@@ -244,14 +268,7 @@ class ExternalAttention(AttentionBranch):
         return torch.softmax(centred, dim=2)
 
     def forward(self, x: Tensor) -> Tensor:
-        mixed = F.linear(self.values(self.attention_map(x)), self.out.weight)
-        scale = _contraction_scale(self.coeff, self._raw_bound())
-        return _image(scale * mixed + self.out.bias, x)
-
-    def lipschitz_bound(self, num_pixels: int | None = None) -> float:
-        with torch.no_grad():
-            raw = self._raw_bound()
-            return float(_contraction_scale(self.coeff, raw) * raw)
+        return self._output(self.values(self.attention_map(x)), x)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, slots={self.slots}, coeff={self.coeff}"

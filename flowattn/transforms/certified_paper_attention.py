@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..lipschitz import inf_norm
-from .attention import PAPER_KINDS, AttentionBranch, _contraction_scale, _image, _tokens
+from .attention import PAPER_KINDS, BoundedOutputBranch, _tokens
 
 
 def _entry_sum(weight: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def _entry_sum(weight: Tensor) -> Tensor:
     return weight.abs().sum()
 
 
-class CertifiedPaperAttention(AttentionBranch):
+class CertifiedPaperAttention(BoundedOutputBranch):
     r"""One of the paper's four attention kinds, certified in :math:`\ell_\infty`.
 
     See the module docstring for the construction and the bound; ``attention_map``
@@ -72,8 +72,6 @@ class CertifiedPaperAttention(AttentionBranch):
         >>> g.lipschitz_bound() <= 0.9 + 1e-6
         True
     """
-
-    certified_norm = "inf"
 
     def __init__(self, channels: int, kind: str, coeff: float = 0.9, reduction: int = 4):
         super().__init__(channels, coeff)
@@ -125,15 +123,7 @@ class CertifiedPaperAttention(AttentionBranch):
     def forward(self, x: Tensor) -> Tensor:
         response = self.attention_map(x)  # (B, N_out, N_in)
         values = self.value(torch.tanh(_tokens(x)))
-        mixed = F.linear(response @ values, self.out.weight)
-        scale = _contraction_scale(self.coeff, self._raw_bound())
-        return _image(scale * mixed + self.out.bias, x)
-
-    def lipschitz_bound(self, num_pixels: int | None = None) -> float:
-        """The certified :math:`\\ell_\\infty` bound (the same for every N)."""
-        with torch.no_grad():
-            raw = self._raw_bound()
-            return float(_contraction_scale(self.coeff, raw) * raw)
+        return self._output(response @ values, x)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, channels={self.channels}, coeff={self.coeff}, certified"
