@@ -51,7 +51,7 @@ from common import (
     set_threads,
 )
 
-from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_difference
+from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_values_difference
 from flowattn.models import ModelConfig, build_model
 from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
@@ -251,9 +251,7 @@ def add_paired_differences(rows: list[dict], values: dict, baseline: str) -> Non
         mine = values.get(row["model"])
         if base is None or mine is None or row["model"] == baseline:
             continue
-        a = BitsPerDim(0, 0, "", len(mine), 1, values=torch.tensor(mine))
-        b = BitsPerDim(0, 0, "", len(base), 1, values=torch.tensor(base))
-        diff = paired_difference(a, b)
+        diff = paired_values_difference(torch.tensor(mine), torch.tensor(base))
         verdict = "no"
         if diff.significant(SIGNIFICANT_Z):
             verdict = "yes: better" if diff.mean < 0 else "yes: worse"

@@ -132,13 +132,11 @@ def _output_image(text: str) -> Path:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an image file name: end it in {', '.join(IMAGE_SUFFIXES)}"
         )
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is a file")
-            if not os.access(parent, os.W_OK):
-                raise argparse.ArgumentTypeError(f"cannot write {text}: {parent} is read-only")
-            break
+    from .runs import unwritable_reason
+
+    problem = unwritable_reason(path.parent)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
     return path
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "ReconstructionError",
     "bits_per_dim",
     "paired_difference",
+    "paired_values_difference",
     "reconstruction_error",
     "summarize_bits_per_dim",
 ]
@@ -152,11 +153,16 @@ def paired_difference(a: BitsPerDim, b: BitsPerDim) -> PairedDifference:
     """
     if a.values is None or b.values is None:
         raise ValueError("paired_difference needs figures that keep their per-image values")
-    if a.values.shape != b.values.shape:
+    return paired_values_difference(a.values, b.values)
+
+
+def paired_values_difference(a: Tensor, b: Tensor) -> PairedDifference:
+    """:func:`paired_difference` of per-image values (images,) given directly."""
+    if a.shape != b.shape:
         raise ValueError(
-            f"paired_difference needs the same images: got {a.images} and {b.images} images"
+            f"paired_difference needs the same images: got {a.numel()} and {b.numel()} images"
         )
-    diff = (a.values - b.values).double()
+    diff = (a - b).double()
     n = diff.numel()
     stderr = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
     return PairedDifference(float(diff.mean()), stderr, n)

@@ -463,8 +463,12 @@ class DensityModel(Flow):
             >>> model.series_bias_bound(5) > model.series_bias_bound(20) > 0
             True
         """
+        return self._series_bias_bound(self.residual_step_facts(), n_terms)
+
+    def _series_bias_bound(self, facts: list, n_terms: int) -> float:
+        """:meth:`series_bias_bound` from :meth:`residual_step_facts` already taken."""
         total = 0.0
-        for _, _, dims, bound in self.residual_step_facts():
+        for _, _, dims, bound in facts:
             if bound is None:
                 return math.inf
             total += series_truncation_bound(bound, n_terms, dims)
@@ -613,7 +617,7 @@ class DensityModel(Flow):
         if isinstance(estimator, PowerSeriesLogDet) or estimator == "series":
             n_terms = estimator.n_terms if isinstance(estimator, PowerSeriesLogDet) else None
             n_terms = options.get("n_terms", 5) if n_terms is None else n_terms
-            return self.series_bias_bound(n_terms), True
+            return self._series_bias_bound(facts, n_terms), True
         if isinstance(estimator, RussianRouletteLogDet):
             return 0.0, estimator.variance_certified and estimator.per_sample
         if estimator == "roulette":

@@ -40,7 +40,7 @@ from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, build_model
 from .names import check_names
 from .runlock import RunLock, RunLockedError
-from .training import NonFiniteLossError, Trainer
+from .training import NonFiniteLossError, Trainer, _BatchLoss
 
 
 @dataclass
@@ -309,11 +309,6 @@ def load_run_model(
     return model.to(target).eval(), state
 
 
-def checkpoint_step(state: dict[str, Any]) -> int:
-    """The training step a checkpoint was taken at."""
-    return int(state["trainer"]["step"])
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers send), handled like Ctrl-C."""
 
@@ -333,19 +328,15 @@ def state_is_finite(trainer: Trainer, batch: torch.Tensor) -> str | None:
         for name, t in trainer.ema.shadow.items():
             if not torch.isfinite(t).all():
                 return f"EMA weight {name} is not finite"
-    model = trainer.model  # not the DDP wrapper: this runs on rank 0 alone
-
-    def held_loss() -> float:
-        y, logdet = model.dequantize(batch)
-        return float(-(model.log_prob(y) + logdet).mean())
-
+    model = trainer.model
+    held_loss = _BatchLoss(model)  # not the DDP wrapper: this runs on rank 0 alone
     with torch.no_grad(), model.evaluating():
-        loss = held_loss()
+        loss = float(held_loss(batch))
         if not math.isfinite(loss):
             return f"the loss on a held batch is {loss}"
         if trainer.ema is not None:
             with trainer.ema.applied():
-                loss = held_loss()
+                loss = float(held_loss(batch))
             if not math.isfinite(loss):
                 return f"the loss on a held batch with the EMA weights is {loss}"
     return None
@@ -368,14 +359,18 @@ def _resume_history(config: RunConfig, saved: dict[str, Any], step: int) -> str:
     )
 
 
-def _check_run_location(run_dir: Path) -> None:
-    for parent in (run_dir, *run_dir.parents):
+def unwritable_reason(directory: Path) -> str | None:
+    """Why files cannot be created in ``directory`` (or in the folders it would be made
+    in), or None if they can: its nearest existing ancestor (itself included) is a file,
+    or is read-only."""
+    for parent in (directory, *directory.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise ValueError(f"cannot use {run_dir} as a run directory: {parent} is a file")
+                return f"{parent} is a file"
             if not os.access(parent, os.W_OK):
-                raise ValueError(f"cannot write to {parent} (permission denied)")
-            return
+                return f"{parent} is read-only"
+            return None
+    return None
 
 
 def run_training(
@@ -408,7 +403,9 @@ def run_training(
             config, run_dir=f"runs/{config.preset}-{Path(config.dataset).stem}-{stamp}"
         )
     run_dir = Path(config.run_dir)
-    _check_run_location(run_dir)
+    problem = unwritable_reason(run_dir)
+    if problem is not None:
+        raise ValueError(f"cannot use {run_dir} as a run directory: {problem}")
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
