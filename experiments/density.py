@@ -53,11 +53,11 @@ from common import (
 
 from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_values_difference
 from flowattn.models import ModelConfig, build_model
+from flowattn.nn.lipschitz_attention import KINDS
 from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
 from flowattn.training import NonFiniteLossError, Trainer
 from flowattn.transforms import ConvergenceWarning
-from flowattn.transforms.attention import KINDS
 
 MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
 FAITHFUL = "faithful:"  # iresnet-attn:faithful:dot is the paper's uncertified dot kind

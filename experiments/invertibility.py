@@ -14,7 +14,7 @@ Variants (``--kinds``):
 - the paper's four kinds (spectrally normalised, coefficient c, not certified):
   ``gaussian``, ``embedded_gaussian``, ``dot``, ``concat``;
 - the certified kinds: ``external``, ``l2`` (Lip_inf(g) <= c by construction);
-- the ordinary attention baselines of :mod:`flowattn.attention` made residual,
+- the ordinary attention baselines of :mod:`flowattn.nn.baselines` made residual,
   x + g(x), with no constraint at all: ``sagan``, ``nonlocal:<kind>``, ``external2d``,
   ``external2d:heads``, ``mhsa``, ``cbam``, ``dnl``, ``criss-cross``.
 
@@ -51,12 +51,12 @@ from common import (
 from nflows.transforms import SqueezeTransform
 from torch import Tensor, nn
 
-from flowattn import attention as ordinary
 from flowattn.lipschitz import jacobian_spectral_norm
 from flowattn.metrics import reconstruction_error
+from flowattn.nn import baselines as ordinary
+from flowattn.nn.lipschitz_attention import CERTIFIED_KINDS, PAPER_KINDS
 from flowattn.plots import save_grid
 from flowattn.transforms import ResidualTransform, invertible_attention
-from flowattn.transforms.attention import CERTIFIED_KINDS, PAPER_KINDS
 
 ORDINARY = {
     "sagan": ordinary.SelfAttention2d,
@@ -170,7 +170,7 @@ def evaluate(
         "converged": solve.converged,
         "inverse_s": seconds,
     }
-    bound = step.lipschitz_bound(num_pixels=s.shape[-1] * s.shape[-2])  # None: uncertified
+    bound = step.lipschitz_bound(tuple(s.shape[1:]))  # None: uncertified
     norm = getattr(step.branch, "certified_norm", None)
     row["certified_bound"] = "none" if bound is None else f"{bound:.3f} (l-{norm})"
     local = jacobian_spectral_norm(step.branch, s[:16].detach(), n_iter=30)

@@ -5,11 +5,11 @@ References:
     | https://arxiv.org/abs/2106.09003
 """
 
-from . import data, lipschitz, logdet, metrics, solvers
+from . import data, lipschitz, logdet, metrics, nn, solvers
 from .models import DensityModel, ModelConfig, build_model
 from .transforms import ResidualTransform, invertible_attention
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DensityModel",
@@ -21,5 +21,6 @@ __all__ = [
     "lipschitz",
     "logdet",
     "metrics",
+    "nn",
     "solvers",
 ]

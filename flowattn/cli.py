@@ -52,7 +52,11 @@ def demo(args: argparse.Namespace) -> int:
         kind = variant.removeprefix("faithful:")
         certified = not variant.startswith("faithful:")
         step = invertible_attention(
-            kind, z.shape[1], certified=certified, max_iter=args.max_iter
+            kind,
+            z.shape[1],
+            certified=certified,
+            max_iter=args.max_iter,
+            input_shape=tuple(z.shape[1:]),
         ).double()
         with torch.no_grad():
             y, _ = step(z)

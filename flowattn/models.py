@@ -53,7 +53,7 @@ import difflib
 import math
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +82,11 @@ from .logdet import (
 )
 from .metrics import BitsPerDim, bits_per_dim, summarize_bits_per_dim
 from .names import check_names
+from .nn.conv_branch import ACTIVATIONS, ConvResidualBranch
+from .nn.lipschitz_attention import CERTIFIED_KINDS, KINDS
 from .solvers import SOLVERS
-from .transforms.attention import CERTIFIED_KINDS, KINDS, invertible_attention
-from .transforms.coupling import glow_step
-from .transforms.iresnet import ACTIVATIONS, ConvResidualBranch
+from .transforms.attention_step import invertible_attention
+from .transforms.glow import glow_step
 from .transforms.preprocess import LogitTransform, UniformDequantization
 from .transforms.residual import ResidualTransform
 
@@ -260,7 +261,9 @@ class ModelConfig:
             )
 
 
-def _residual_level(config: ModelConfig, channels: int, level: int) -> list[Transform]:
+def _residual_level(
+    config: ModelConfig, shape: tuple[int, int, int], level: int
+) -> list[Transform]:
     def estimator(lipschitz: float) -> LogDetEstimator:
         options = {"n_terms": config.n_terms, "n_probes": config.n_probes}
         if config.estimator == "roulette":
@@ -269,13 +272,18 @@ def _residual_level(config: ModelConfig, channels: int, level: int) -> list[Tran
             options.update(lipschitz=lipschitz, per_sample=False)
         return make_estimator(config.estimator, **{**options, **config.estimator_options})
 
+    channels = shape[0]
     steps: list[Transform] = []
     for _ in range(config.blocks):
         branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
         steps += [
             ActNorm(channels),
             ResidualTransform(
-                branch, estimator(config.coeff), solver=config.solver, max_iter=config.max_iter
+                branch,
+                estimator(config.coeff),
+                solver=config.solver,
+                max_iter=config.max_iter,
+                input_shape=shape,
             ),
         ]
     if level == 0 and config.attention is not None:
@@ -295,13 +303,17 @@ def _residual_level(config: ModelConfig, channels: int, level: int) -> list[Tran
             estimator=attention_estimator,
             solver=config.solver,
             max_iter=config.max_iter,
+            input_shape=shape,
             **config.attention_options,
         )
         steps += [ActNorm(channels), step]
     return steps
 
 
-def _coupling_level(config: ModelConfig, channels: int, level: int) -> list[Transform]:
+def _coupling_level(
+    config: ModelConfig, shape: tuple[int, int, int], level: int
+) -> list[Transform]:
+    channels = shape[0]
     attention = level == 0 and config.attention == "sagan"
     return [
         glow_step(channels, config.hidden, attention=attention, flip=bool(b % 2))
@@ -323,6 +335,9 @@ class DensityModel(Flow):
         image_shape: (C, H, W).
         distribution: Base distribution (default standard normal on D values).
         config: The :class:`ModelConfig` it was built from, if any.
+        levels: The body's steps grouped by scale (nflows ``CompositeTransform`` each,
+            already inside ``body``), which names the residual steps ``scaleL.stepK``;
+            without it they are named by their module path.
 
     Examples:
         >>> model = build_model("iresnet-attn", image_shape=(1, 8, 8), blocks=1, hidden=8)
@@ -340,6 +355,7 @@ class DensityModel(Flow):
         image_shape: tuple[int, int, int],
         distribution: Distribution | None = None,
         config: ModelConfig | None = None,
+        levels: Sequence[CompositeTransform] | None = None,
     ):
         self.num_dims = math.prod(image_shape)
         if distribution is None:
@@ -348,6 +364,9 @@ class DensityModel(Flow):
         self.image_shape = tuple(image_shape)
         self.config = config
         self.dequantize = UniformDequantization(bits=8)
+        # (readable name, step) of every residual step; a plain list, not submodules (the
+        # steps are registered once, inside the body)
+        self._residual_steps = _residual_steps_of(body, levels)
 
     @property
     def device(self) -> torch.device:
@@ -392,16 +411,7 @@ class DensityModel(Flow):
     def residual_steps(self) -> Iterator[tuple[str, ResidualTransform]]:
         """The residual steps (convolutional and attention) with readable names such as
         ``scale0.step2 (ConvResidualBranch)``."""
-        body = self._transform._transforms[1]
-        if isinstance(body, MultiscaleCompositeTransform):
-            for level, composite in enumerate(body._transforms):
-                for k, step in enumerate(getattr(composite, "_transforms", [composite])):
-                    if isinstance(step, ResidualTransform):
-                        yield f"scale{level}.step{k} ({type(step.branch).__name__})", step
-            return
-        for name, module in self.named_modules():
-            if isinstance(module, ResidualTransform):
-                yield name, module
+        yield from self._residual_steps
 
     def estimator_description(self) -> str:
         """The log-det estimator(s) of the residual steps, or that there are none."""
@@ -424,23 +434,17 @@ class DensityModel(Flow):
 
     def residual_step_facts(self) -> list[tuple[str, ResidualTransform, int, float | None]]:
         """``(name, step, dims, bound)`` for every residual step: its input's number of
-        values D per image and its branch's certified Lipschitz bound (None where
-        uncertified). One grey image is passed through the model first, since the bounds
-        of convolutional and l2 attention branches depend on the size of their input."""
-        steps = list(self.residual_steps())
-        dims: dict[int, int] = {}
-
-        def record(module, args) -> None:
-            dims[id(module)] = args[0][0].numel()
-
-        hooks = [step.register_forward_pre_hook(record) for _, step in steps]
-        try:
-            with torch.no_grad(), self.evaluating():
-                self.log_prob(torch.full((1, *self.image_shape), 0.5, device=self.device))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [(name, step, dims[id(step)], step.lipschitz_bound()) for name, step in steps]
+        values D per image and its branch's certified Lipschitz bound at the step's
+        ``input_shape`` (None where uncertified)."""
+        facts = []
+        for name, step in self.residual_steps():
+            if step.input_shape is None:
+                raise ValueError(
+                    f"residual step {name} has no input_shape: build it with "
+                    "ResidualTransform(..., input_shape=(C, H, W)) for its certificate"
+                )
+            facts.append((name, step, math.prod(step.input_shape), step.lipschitz_bound()))
+        return facts
 
     def lipschitz_bounds(self) -> dict[str, float | None]:
         """Each residual step's certified Lipschitz bound at the model's image size (None
@@ -681,6 +685,21 @@ class DensityModel(Flow):
         return images
 
 
+def _residual_steps_of(
+    body: Transform, levels: Sequence[CompositeTransform] | None
+) -> list[tuple[str, ResidualTransform]]:
+    """(readable name, step) of the residual steps in ``body``, in order."""
+    if levels is None:
+        return [(n, m) for n, m in body.named_modules() if isinstance(m, ResidualTransform)]
+    steps = []
+    for level, composite in enumerate(levels):
+        (children,) = composite.children()  # the composite's one ModuleList of steps
+        for k, step in enumerate(children):
+            if isinstance(step, ResidualTransform):
+                steps.append((f"scale{level}.step{k} ({type(step.branch).__name__})", step))
+    return steps
+
+
 def build_model(
     preset: str | Path | ModelConfig = "iresnet-attn",
     image_shape: tuple[int, int, int] | None = None,
@@ -720,9 +739,11 @@ def build_model(
     body = MultiscaleCompositeTransform(cfg.scales)
     shape: tuple[int, ...] | None = cfg.image_shape
     level_steps = _residual_level if cfg.residual else _coupling_level
+    levels: list[CompositeTransform] = []
     for level in range(cfg.scales):
         c, h, w = shape
         c, h, w = 4 * c, h // 2, w // 2
-        steps = [SqueezeTransform(), *level_steps(cfg, c, level)]
-        shape = body.add_transform(CompositeTransform(steps), (c, h, w))
-    return DensityModel(preprocess, body, cfg.image_shape, config=cfg)
+        steps = [SqueezeTransform(), *level_steps(cfg, (c, h, w), level)]
+        levels.append(CompositeTransform(steps))
+        shape = body.add_transform(levels[-1], (c, h, w))
+    return DensityModel(preprocess, body, cfg.image_shape, config=cfg, levels=levels)

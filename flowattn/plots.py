@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .attention import SelfAttention2d
 from .models import DensityModel
-from .transforms.attention import AttentionBranch, ExternalAttention, PaperAttention
+from .nn.baselines import SelfAttention2d
+from .nn.lipschitz_attention import AttentionBranch, ExternalAttention, PaperAttention
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, min_side: int = 32) -> Path:

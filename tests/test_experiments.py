@@ -17,7 +17,7 @@ import common  # noqa: E402
 import density  # noqa: E402
 import invertibility  # noqa: E402
 
-from flowattn import attention as ordinary  # noqa: E402
+from flowattn.nn import baselines as ordinary  # noqa: E402
 
 CONFIGS = sorted((ROOT / "experiments/configs").glob("*/*.toml"))
 

@@ -194,7 +194,7 @@ def _conv_branch_near_its_bound(channels: int = 4, seed: int = 0):
     """A convolutional branch at its certified bound 0.9 whose Jacobian has eigenvalues
     near -0.9 (like the trained branches that exploited the series' bias): g(x) ~ -0.9 x
     plus small random taps, inputs kept where ELU is linear."""
-    from flowattn.transforms.iresnet import ConvResidualBranch
+    from flowattn.nn.conv_branch import ConvResidualBranch
 
     generator = torch.Generator().manual_seed(seed)
     branch = ConvResidualBranch(channels, channels, coeff=0.9).double()

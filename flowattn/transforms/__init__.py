@@ -1,6 +1,13 @@
-"""Flow steps (nflows ``Transform`` subclasses)."""
+"""Flow steps (nflows ``Transform`` subclasses): the residual step, the invertible
+attention step built on it, the Glow step, and the preprocessing transforms.
 
-from .attention import (
+The networks inside the steps are in :mod:`flowattn.nn`; the names below that live
+there (``AttentionBranch``, ``ExternalAttention``, ...) are re-exported here for
+compatibility with earlier releases.
+"""
+
+from ..nn.certified_paper_attention import CertifiedPaperAttention
+from ..nn.lipschitz_attention import (
     CERTIFIED_KINDS,
     KINDS,
     PAPER_KINDS,
@@ -8,9 +15,10 @@ from .attention import (
     ExternalAttention,
     L2SelfAttention,
     PaperAttention,
-    invertible_attention,
 )
-from .certified_paper_attention import CertifiedPaperAttention
+from .attention_step import invertible_attention
+from .glow import glow_step
+from .preprocess import LogitTransform, UniformDequantization
 from .residual import ConvergenceError, ConvergenceWarning, ResidualTransform
 
 __all__ = [
@@ -22,8 +30,11 @@ __all__ = [
     "ExternalAttention",
     "KINDS",
     "L2SelfAttention",
+    "LogitTransform",
     "PAPER_KINDS",
     "PaperAttention",
     "ResidualTransform",
+    "UniformDequantization",
+    "glow_step",
     "invertible_attention",
 ]

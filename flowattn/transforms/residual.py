@@ -52,6 +52,9 @@ class ResidualTransform(Transform):
         rtol: Relative inverse tolerance (times ``|y|``); default as ``atol``.
         max_iter: Largest number of fixed-point iterations.
         strict: Raise instead of warning when the inverse does not converge.
+        input_shape: Shape of one input (e.g. (C, H, W)), for the certificate of branches
+            whose bound depends on the input size (convolutional and ``l2`` attention
+            branches); :meth:`lipschitz_bound` uses it when given no shape.
 
     Examples:
         >>> from flowattn.lipschitz import ConstrainedLinear, RowL1Rescale
@@ -74,6 +77,7 @@ class ResidualTransform(Transform):
         rtol: float | None = None,
         max_iter: int = 500,
         strict: bool = False,
+        input_shape: tuple[int, ...] | None = None,
     ):
         super().__init__()
         if solver not in SOLVERS:
@@ -85,13 +89,18 @@ class ResidualTransform(Transform):
         self.rtol = rtol
         self.max_iter = max_iter
         self.strict = strict
+        self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.last_inverse: FixedPointResult | None = None
         self.last_logabsdet: Tensor | None = None
 
-    def lipschitz_bound(self, *args, **kwargs) -> float | None:
-        """The branch's certified Lipschitz bound, or None if it has none."""
+    def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float | None:
+        """The branch's certified Lipschitz bound for inputs of shape ``input_shape``
+        (default: the step's own ``input_shape``), or None if it has none."""
         bound = getattr(self.branch, "lipschitz_bound", None)
-        return None if bound is None else bound(*args, **kwargs)
+        if bound is None:
+            return None
+        shape = self.input_shape if input_shape is None else tuple(input_shape)
+        return bound() if shape is None else bound(shape)
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         gx, logabsdet = self.estimator(self.branch, inputs)

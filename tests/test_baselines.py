@@ -1,6 +1,6 @@
 import torch
 
-from flowattn.attention import SelfAttention2d
+from flowattn.nn.baselines import SelfAttention2d
 
 
 def test_sagan_shapes_gradients_and_rows():
@@ -36,7 +36,7 @@ def test_sagan_matches_naive_loop():
 
 import pytest  # noqa: E402
 
-from flowattn.attention import (  # noqa: E402
+from flowattn.nn.baselines import (  # noqa: E402
     CBAM,
     CrissCrossAttention2d,
     DisentangledNonLocal2d,

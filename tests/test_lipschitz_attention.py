@@ -44,7 +44,7 @@ def test_shapes_any_size(kind, shape):
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 def test_certificate_holds_at_random_and_large_inputs(kind, n, scale):
     branch = _certified_branch(kind)
-    bound = branch.lipschitz_bound(num_pixels=n)
+    bound = branch.lipschitz_bound((4, *SIZES[n]))
     assert bound < 1 and bound <= branch.coeff * (1 + 1e-6)
     x = torch.randn(2, 4, *SIZES[n], dtype=torch.float64) * scale
     jac = dense_jacobian_of(branch, x)
@@ -59,7 +59,7 @@ def test_certificate_holds_when_one_pixel_dominates(kind, n):
     x[:, :, 0, 0] = torch.tensor([50.0, -50.0, 50.0, 50.0], dtype=torch.float64)
     attn = branch.attention_map(x)
     jac = dense_jacobian_of(branch, x)
-    assert float(jac.abs().sum(-1).max()) <= branch.lipschitz_bound(num_pixels=n)
+    assert float(jac.abs().sum(-1).max()) <= branch.lipschitz_bound((4, *SIZES[n]))
     assert attn.shape[:2] == (2, n)
 
 
@@ -68,7 +68,7 @@ def test_certificate_holds_when_one_pixel_dominates(kind, n):
 def test_certificate_holds_at_inputs_maximising_the_jacobian_norm(kind, n):
     """Gradient ascent on the l1 norm of Jacobian rows (each row is one l-inf candidate)."""
     branch = _certified_branch(kind)
-    bound = branch.lipschitz_bound(num_pixels=n)
+    bound = branch.lipschitz_bound((4, *SIZES[n]))
     best = 0.0
     for start_scale in (0.3, 3.0):
         x = (torch.randn(1, 4, *SIZES[n], dtype=torch.float64) * start_scale).requires_grad_(True)
@@ -89,21 +89,28 @@ def test_l2_bound_grows_with_n_and_scale_keeps_it_below_coeff():
     branch = L2SelfAttention(4, coeff=0.9)
     raw = [float(branch._raw_bound(n)) for n in (16, 64, 256, 4096)]
     assert raw == sorted(raw)
-    for n in (16, 64, 256, 4096):
-        assert branch.lipschitz_bound(num_pixels=n) <= 0.9 * (1 + 1e-6)
+    for side in (4, 8, 16, 64):
+        assert branch.lipschitz_bound((4, side, side)) <= 0.9 * (1 + 1e-6)
 
 
-def test_l2_bound_needs_a_size():
+def test_l2_bound_needs_the_input_shape_and_remembers_no_input():
     branch = L2SelfAttention(4)
-    with pytest.raises(ValueError, match="num_pixels"):
+    with pytest.raises(ValueError, match="input shape"):
         branch.lipschitz_bound()
     branch(torch.randn(1, 4, 4, 4))
-    assert branch.lipschitz_bound() == branch.lipschitz_bound(num_pixels=16)
+    with pytest.raises(ValueError, match="input shape"):
+        branch.lipschitz_bound()  # a forward pass leaves no state behind
+    assert branch.lipschitz_bound((4, 4, 4)) <= 0.9 * (1 + 1e-6)
+    step = invertible_attention("l2", 4, input_shape=(4, 4, 4))
+    assert step.lipschitz_bound() == step.branch.lipschitz_bound((4, 4, 4))
+    assert step.lipschitz_bound((4, 8, 8)) == step.branch.lipschitz_bound((4, 8, 8))
+    with pytest.raises(ValueError, match="input_shape"):
+        invertible_attention("l2", 4, input_shape=(3, 4, 4))
 
 
 def test_external_bound_is_independent_of_n():
     branch = ExternalAttention(4)
-    assert branch.lipschitz_bound(16) == branch.lipschitz_bound(4096)
+    assert branch.lipschitz_bound((4, 4, 4)) == branch.lipschitz_bound((4, 64, 64))
 
 
 @pytest.mark.parametrize("kind", PAPER_KINDS)
@@ -216,6 +223,6 @@ def test_certified_switch_and_bound_independent_of_n():
     assert invertible_attention("dot", 4, certified=False).lipschitz_bound() is None
     assert invertible_attention("external", 4, certified=False).lipschitz_bound() is not None
     branch = CertifiedPaperAttention(4, "concat")
-    assert branch.lipschitz_bound(16) == branch.lipschitz_bound(4096)
+    assert branch.lipschitz_bound((4, 4, 4)) == branch.lipschitz_bound((4, 64, 64))
     with pytest.raises(ValueError, match="unknown paper kind"):
         CertifiedPaperAttention(4, "external")

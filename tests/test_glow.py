@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import dense_jacobian_of
 
-from flowattn.transforms.coupling import CouplingConditioner, glow_step
+from flowattn.nn.coupling_nets import CouplingConditioner
+from flowattn.transforms.glow import glow_step
 
 
 def _trained_like(step):

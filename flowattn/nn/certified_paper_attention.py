@@ -1,0 +1,129 @@
+r"""Certified versions of the paper's four attention kinds.
+
+Zha et al. (2021) bound the Lipschitz constant of an attention :math:`A(x) = R(x) F(x)`
+(response R, features F) by the product rule :math:`L(A) = k(\mu_R c_F + c_R \mu_F)`,
+which needs :math:`\mu_F = \sup \|F(x)\|` and :math:`\mu_R = \sup \|R(x)\|` to exist. Their
+features are unbounded linear maps of x and their dot and concatenation responses divide
+by sums that can vanish, so the suprema are infinite and the bound does not hold. Here
+every quantity of the formula is made finite and computed from the weights, in the
+:math:`\ell_\infty` norm of the flattened image:
+
+* features pass through :math:`u = \tanh(x)` first (1-Lipschitz, :math:`|u| \leq 1`), so
+  the 1x1 maps :math:`\theta = W_\theta u`, :math:`\phi = W_\phi u`, :math:`v = W_v u` are
+  bounded: :math:`\|v_i\|_\infty \leq a_v = \|W_v\|_\infty` (largest absolute row sum);
+* responses keep each kind's similarity: a softmax over the source pixels i of
+  :math:`u_j^\top u_i` (``gaussian``) or :math:`\phi_j^\top \theta_i`
+  (``embedded_gaussian``), whose rows are stochastic; and, for ``dot`` and ``concat``, the
+  non-local network's normalisation by N (Wang et al., 2018) of
+  :math:`\mathrm{ELU}(\phi_j^\top \theta_i)` and
+  :math:`\mathrm{ELU}(w_\phi^\top \phi_j + w_\theta^\top \theta_i)`;
+* :math:`g(x)_j = s\, W_L \sum_i R_{ji} v_i + b`, with :math:`s = \min(1, c / L)` for the
+  bound L below, so :math:`\mathrm{Lip}_\infty(g) \leq c` for every input and weight.
+
+With :math:`S(W) = \sum_{ab} |W_{ab}|` (the :math:`\infty \to 1` norm) and
+:math:`m = \min(S(W_\phi) a_\theta, a_\phi S(W_\theta))`, which bounds
+:math:`|\phi_j^\top \theta_i|`, the product rule row by row gives
+:math:`L = \|W_L\|_\infty\, L_y` with :math:`L_y` = :math:`a_v (1 + 4C)` (gaussian, C
+channels), :math:`a_v (1 + 4m)` (embedded gaussian), :math:`3 m\, a_v` (dot) and
+:math:`2 \kappa\, a_v` (concat, :math:`\kappa = \|w_\phi\|_1 a_\phi + \|w_\theta\|_1 a_\theta`).
+``docs/maths.md`` derives them.
+
+References:
+    | Invertible Attention (Zha et al., 2021)
+    | https://arxiv.org/abs/2106.09003
+
+    | Non-local Neural Networks (Wang et al., 2018)
+    | https://arxiv.org/abs/1711.07971
+"""
+
+from __future__ import annotations
+
+__all__ = ["CertifiedPaperAttention"]
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..lipschitz import inf_norm
+from .lipschitz_attention import PAPER_KINDS, BoundedOutputBranch, _tokens
+
+
+def _entry_sum(weight: Tensor) -> Tensor:
+    """:math:`\\sum_{ab} |W_{ab}|`, the induced :math:`\\infty \\to 1` norm's upper bound."""
+    return weight.abs().sum()
+
+
+class CertifiedPaperAttention(BoundedOutputBranch):
+    r"""One of the paper's four attention kinds, certified in :math:`\ell_\infty`.
+
+    See the module docstring for the construction and the bound; ``attention_map``
+    returns the response :math:`R_{ji}` (B, N, N), row j being output pixel j.
+
+    Arguments:
+        channels: Number of channels C.
+        kind: ``gaussian``, ``embedded_gaussian``, ``dot`` or ``concat``.
+        coeff: Bound c < 1 on the :math:`\ell_\infty` Lipschitz constant.
+        reduction: Channel reduction of :math:`\theta, \phi` (C / reduction channels).
+
+    Examples:
+        >>> g = CertifiedPaperAttention(8, "dot")
+        >>> g(torch.randn(2, 8, 4, 4)).shape
+        torch.Size([2, 8, 4, 4])
+        >>> g.lipschitz_bound() <= 0.9 + 1e-6
+        True
+    """
+
+    def __init__(self, channels: int, kind: str, coeff: float = 0.9, reduction: int = 4):
+        super().__init__(channels, coeff)
+        if kind not in PAPER_KINDS:
+            raise ValueError(f"unknown paper kind {kind!r}; valid: {', '.join(PAPER_KINDS)}")
+        if reduction < 1:
+            raise ValueError(f"reduction must be positive, got {reduction}")
+        self.kind = kind
+        inner = max(1, channels // reduction)
+        if kind != "gaussian":
+            self.theta = nn.Linear(channels, inner, bias=False)
+            self.phi = nn.Linear(channels, inner, bias=False)
+        if kind == "concat":
+            self.concat = nn.Linear(2 * inner, 1, bias=False)
+        self.value = nn.Linear(channels, channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+
+    def _raw_bound(self) -> Tensor:
+        """The certified bound of the branch without the scale s."""
+        a_v = inf_norm(self.value.weight)
+        if self.kind == "gaussian":
+            inner = a_v * (1 + 4 * self.channels)
+        else:
+            a_t, a_p = inf_norm(self.theta.weight), inf_norm(self.phi.weight)
+            if self.kind == "concat":
+                w_t, w_p = self.concat.weight[0].split(self.theta.out_features)
+                kappa = w_p.abs().sum() * a_p + w_t.abs().sum() * a_t
+                inner = 2 * kappa * a_v
+            else:
+                m = torch.minimum(
+                    _entry_sum(self.phi.weight) * a_t, a_p * _entry_sum(self.theta.weight)
+                )
+                inner = a_v * (1 + 4 * m) if self.kind == "embedded_gaussian" else 3 * m * a_v
+        return inf_norm(self.out.weight) * inner
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        u = torch.tanh(self._check(x))  # (B, N, C)
+        if self.kind == "gaussian":
+            return torch.softmax(u @ u.transpose(1, 2), dim=-1)
+        theta, phi = self.theta(u), self.phi(u)
+        if self.kind == "embedded_gaussian":
+            return torch.softmax(phi @ theta.transpose(1, 2), dim=-1)
+        n = u.shape[1]
+        if self.kind == "dot":
+            return F.elu(phi @ theta.transpose(1, 2)) / n
+        w_t, w_p = self.concat.weight[0].split(theta.shape[-1])
+        return F.elu((phi @ w_p)[:, :, None] + (theta @ w_t)[:, None, :]) / n
+
+    def forward(self, x: Tensor) -> Tensor:
+        response = self.attention_map(x)  # (B, N_out, N_in)
+        values = self.value(torch.tanh(_tokens(x)))
+        return self._output(response @ values, x)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, channels={self.channels}, coeff={self.coeff}, certified"

@@ -1,0 +1,67 @@
+r"""Glow flow step: ActNorm, invertible 1x1 convolution, affine coupling.
+
+The three pieces are nflows' ``ActNorm``, ``OneByOneConvolution`` (LU-parametrised)
+and ``AffineCouplingTransform``. The coupling's conditioner network
+(:mod:`flowattn.nn.coupling_nets`) may contain ordinary (non-invertible)
+self-attention: invertibility of a coupling layer does not depend on its conditioner,
+so this is where non-invertible attention takes part in density models (``glow-attn``).
+
+References:
+    | Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018)
+    | https://arxiv.org/abs/1807.03039
+
+    | Invertible Attention (Zha et al., 2021)
+    | https://arxiv.org/abs/2106.09003
+"""
+
+from __future__ import annotations
+
+__all__ = ["glow_step"]
+
+import torch
+from nflows.transforms import (
+    ActNorm,
+    AffineCouplingTransform,
+    CompositeTransform,
+    OneByOneConvolution,
+)
+
+from ..nn.coupling_nets import ConditionerFactory
+
+
+def glow_step(
+    channels: int, hidden: int, *, attention: bool = False, flip: bool = False
+) -> CompositeTransform:
+    r"""One Glow step on (B, C, H, W): ActNorm, 1x1 convolution, affine coupling.
+
+    Arguments:
+        channels: Channels C (at least 2).
+        hidden: Hidden channels of the coupling's conditioner.
+        attention: Put ordinary self-attention in the conditioner (``glow-attn``).
+        flip: Transform the first half of the channels instead of the second.
+
+    Returns:
+        An nflows ``CompositeTransform``.
+
+    Examples:
+        >>> step = glow_step(4, hidden=8)
+        >>> x = torch.randn(2, 4, 4, 4)
+        >>> y, logabsdet = step(x)
+        >>> x_back, _ = step.inverse(y)
+        >>> bool((x_back - x).abs().max() < 1e-5), logabsdet.shape
+        (True, torch.Size([2]))
+    """
+    if channels < 2:
+        raise ValueError(f"a coupling layer needs at least 2 channels, got {channels}")
+    mask = torch.zeros(channels)
+    if flip:
+        mask[: channels // 2] = 1
+    else:
+        mask[channels // 2 :] = 1
+    return CompositeTransform(
+        [
+            ActNorm(channels),
+            OneByOneConvolution(channels),
+            AffineCouplingTransform(mask, ConditionerFactory(hidden, attention)),
+        ]
+    )
