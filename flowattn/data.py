@@ -8,9 +8,11 @@ levels 0..255 and ``label`` an int (-1 when there is none). Datasets by name:
   real image data with a fixed split (first 1,500 train, last 297 test) and small
   enough that a CPU trains a flow on it in minutes; 17 grey levels make its
   bits-per-dim low and not comparable with natural-image figures.
-* ``cifar10``, ``svhn``, ``celeba``: through torchvision, from ``root`` (default
-  ``$FLOWATTN_DATA`` or ``./data``) in torchvision's own layouts. Checksums are not
-  enforced (subsets and re-packed copies load), shapes and dtypes are. CelebA is
+* ``cifar10``, ``svhn``, ``celeba``: from ``root`` (default ``$FLOWATTN_DATA`` or
+  ``./data``) in torchvision's layouts (CIFAR-10's python batches, SVHN's ``.mat``
+  files, CelebA through torchvision). Checksums are not enforced (subsets and re-packed
+  copies load), shapes and dtypes are. CIFAR-10's pickles are read by an unpickler that
+  accepts only numpy arrays and plain containers, so a crafted file cannot run code. CelebA is
   centre-cropped to 178x178 then resized to ``image_size`` (32 or 64) as in the paper.
 * ``npz``: uint8 arrays ``x_<split>`` (and labels ``y_<split>``) in an ``.npz`` file,
   HWC or CHW, e.g. ``../shared/data/cifar10/cifar10_subset.npz``. A path ending in
@@ -35,6 +37,7 @@ __all__ = [
 ]
 
 import os
+import pickle
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -180,55 +183,74 @@ def _missing(name: str, path: Path, expected: str) -> DatasetNotFoundError:
     )
 
 
-def _cifar10(root: Path, split: str) -> ImageTensorDataset:
-    from torchvision.datasets import CIFAR10
+# CIFAR-10's python batches: pickled dicts of bytes keys, a uint8 array and a list
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat", "extra": "extra_32x32.mat"}
 
-    folder = root / CIFAR10.base_folder
-    files = [name for name, _ in (CIFAR10.train_list if split == "train" else CIFAR10.test_list)]
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays, so a crafted file cannot run code
+    (the CIFAR-10 batches need nothing else)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar10_batch(file: Path) -> tuple[np.ndarray, list[int]]:
+    """(images (N, 32, 32, 3) uint8, labels) of one CIFAR-10 python batch."""
+    try:
+        with file.open("rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+        data, labels = batch["data"], list(batch["labels"])
+    except Exception as error:  # unpickling garbage can raise almost anything
+        raise DataError(f"{file} is corrupted or not a CIFAR-10 python batch: {error!r}") from None
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{file}: expected uint8 data (N, 3072), got {data.dtype} {data.shape}")
+    # rows are channel-major: 1024 red, 1024 green, 1024 blue values
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _cifar10(root: Path, split: str) -> ImageTensorDataset:
+    folder = root / CIFAR10_FOLDER
+    files = CIFAR10_FILES[split]
     missing = [f for f in files if not (folder / f).is_file()]
     if missing:
         raise _missing("CIFAR10", folder, f"the python pickles {', '.join(files)}")
-
-    class _Unchecked(CIFAR10):
-        def _check_integrity(self) -> bool:
-            return True
-
-        def _load_meta(self) -> None:
-            self.classes = []
-
-    try:
-        ds = _Unchecked(str(root), train=split == "train")
-    except Exception as error:  # unpickling garbage can raise almost anything
-        raise DataError(
-            f"CIFAR-10 pickles in {folder} are corrupted or not in CIFAR's format: {error!r}"
-        ) from None
-    data = np.asarray(ds.data)
-    if data.dtype != np.uint8 or data.shape[1:] != (32, 32, 3):
-        raise DataError(f"CIFAR-10 in {folder}: expected uint8 (N, 32, 32, 3), got {data.shape}")
+    batches = [_cifar10_batch(folder / f) for f in files]
+    data = np.concatenate([images for images, _ in batches])
+    labels = [label for _, batch_labels in batches for label in batch_labels]
     images = torch.from_numpy(_as_nchw(data, str(folder)))
-    return ImageTensorDataset(images, torch.as_tensor(ds.targets), name=f"cifar10/{split}")
+    return ImageTensorDataset(images, torch.as_tensor(labels), name=f"cifar10/{split}")
 
 
 def _svhn(root: Path, split: str) -> ImageTensorDataset:
-    from torchvision.datasets import SVHN
+    from scipy.io import loadmat
 
-    file = root / SVHN.split_list[split][1]
+    file = root / SVHN_FILES[split]
     if not file.is_file():
         raise _missing("SVHN", root, f"the MATLAB file {file.name}")
-
-    class _Unchecked(SVHN):
-        def _check_integrity(self) -> bool:
-            return True
-
     try:
-        ds = _Unchecked(str(root), split=split)
+        mat = loadmat(str(file))
+        data, labels = np.asarray(mat["X"]), np.asarray(mat["y"], dtype=np.int64).reshape(-1)
     except Exception as error:  # scipy.io.loadmat on garbage raises many kinds
         raise DataError(f"{file} is corrupted or not an SVHN .mat file: {error!r}") from None
-    data = np.asarray(ds.data)
-    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[1:] != (3, 32, 32):
+    if data.dtype != np.uint8 or data.ndim != 4 or data.shape[:3] != (32, 32, 3):
         raise DataError(f"{file}: expected uint8 X of shape (32, 32, 3, N), got {data.shape}")
-    labels = torch.as_tensor(np.asarray(ds.labels, dtype=np.int64))
-    return ImageTensorDataset(torch.from_numpy(np.ascontiguousarray(data)), labels, f"svhn/{split}")
+    labels[labels == 10] = 0  # SVHN stores the digit 0 as label 10
+    images = np.ascontiguousarray(data.transpose(3, 2, 0, 1))  # (N, 3, 32, 32)
+    return ImageTensorDataset(torch.from_numpy(images), torch.as_tensor(labels), f"svhn/{split}")
 
 
 class _LazyImages(Dataset):
@@ -281,26 +303,31 @@ def _crop_resize(crop: int | None, size: int | None) -> Callable:
     return transforms.Compose(steps)
 
 
-def _celeba(root: Path, split: str, image_size: int | None) -> _LazyImages:
-    from torchvision.datasets import CelebA
+CELEBA_FOLDER = "celeba"
+CELEBA_SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "all": {0, 1, 2}}
 
-    folder = root / CelebA.base_folder
-    needed = [f for _, _, f in CelebA.file_list if not f.endswith(".zip")]
-    missing = [f for f in needed if not (folder / f).is_file()]
+
+def _celeba(root: Path, split: str, image_size: int | None) -> _LazyImages:
+    """CelebA in torchvision's layout: ``img_align_celeba/`` and the split file
+    ``list_eval_partition.txt`` (one ``<file> <0|1|2>`` line per image; train, valid,
+    test); the other annotation files are not needed."""
+    folder = root / CELEBA_FOLDER
+    partition = folder / "list_eval_partition.txt"
+    missing = [] if partition.is_file() else [partition.name]
     if not (folder / "img_align_celeba").is_dir():
         missing.insert(0, "img_align_celeba/")
     if missing:
         raise _missing("CelebA", folder, f"{', '.join(missing)}")
-
-    class _Unchecked(CelebA):
-        def _check_integrity(self) -> bool:
-            return True
-
-    try:
-        ds = _Unchecked(str(root), split=split, target_type=[])
-    except (ValueError, KeyError, IndexError, RuntimeError) as error:
-        raise DataError(f"CelebA annotation files in {folder} are malformed: {error!r}") from None
-    files = [folder / "img_align_celeba" / name for name in ds.filename]
+    wanted, names = CELEBA_SPLITS[split], []
+    for number, line in enumerate(partition.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
+            raise DataError(f"{partition}, line {number}: expected '<file> <0|1|2>', got {line!r}")
+        if int(fields[1]) in wanted:
+            names.append(fields[0])
+    files = [folder / "img_align_celeba" / name for name in names]
     if not files:
         raise DataError(f"CelebA in {folder}: no images in split {split!r}")
     size = 64 if image_size is None else image_size

@@ -78,6 +78,42 @@ def test_cifar10_missing_and_corrupted(tmp_path):
         load_dataset("cifar10", "train", root=tmp_path)
 
 
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_cifar10_pickle_that_would_run_code_runs_nothing(tmp_path):
+    _write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    entry = {"data": _RunsCode(marker), "labels": [0]}
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataError, match="refusing to load pathlib"):
+        load_dataset("cifar10", "test", root=tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar10_agrees_with_torchvision(tmp_path):
+    from torchvision.datasets import CIFAR10
+
+    _write_cifar(tmp_path)
+
+    class _NoChecksums(CIFAR10):  # the reference reader, on files that are not the real ones
+        def _check_integrity(self) -> bool:
+            return True
+
+        def _load_meta(self) -> None:
+            self.classes = []
+
+    reference = _NoChecksums(str(tmp_path), train=True)
+    ours = load_dataset("cifar10", "train", root=tmp_path)
+    assert torch.equal(stack_images(ours), torch.from_numpy(reference.data).permute(0, 3, 1, 2))
+    assert [ours[i][1] for i in range(len(ours))] == list(reference.targets)
+
+
 def test_svhn_mat_files(tmp_path):
     x = write_svhn(tmp_path, "test")
     ds = load_dataset("svhn", "test", root=tmp_path)
