@@ -56,7 +56,7 @@ from flowattn.models import ModelConfig, build_model
 from flowattn.nn.lipschitz_attention import KINDS
 from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
-from flowattn.training import NonFiniteLossError, Trainer
+from flowattn.training import Every, NonFiniteLossError, Trainer
 from flowattn.transforms import ConvergenceWarning
 
 MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
@@ -122,13 +122,24 @@ def bits_per_dim(model, x: torch.Tensor, seed: int, **options) -> BitsPerDim | N
         return None
 
 
-def curve_point(trainer: Trainer, x_eval: torch.Tensor, seed: int) -> dict:
-    torch.manual_seed(seed)
-    with trainer.evaluation_weights():
-        bpd = bits_per_dim(trainer.model, x_eval, seed)
-    mean, stderr = (math.nan, math.nan) if bpd is None else (bpd.mean, bpd.stderr)
-    return {"step": trainer.step, "train_s": trainer.result.seconds, "test_bpd": mean,
-            "test_se": stderr}  # fmt: skip
+class Curve:
+    """Test bpd of the EMA weights on ``x_eval`` (a point: step, training seconds, bpd,
+    SE), printed as it is taken: an action for :class:`~flowattn.training.Every`."""
+
+    def __init__(self, spec: str, x_eval: torch.Tensor, seed: int):
+        self.spec, self.x_eval, self.seed = spec, x_eval, seed
+        self.points: list[dict] = []
+
+    def __call__(self, trainer: Trainer) -> None:
+        torch.manual_seed(self.seed)
+        with trainer.evaluation_weights():
+            bpd = bits_per_dim(trainer.model, self.x_eval, self.seed)
+        mean, stderr = (math.nan, math.nan) if bpd is None else (bpd.mean, bpd.stderr)
+        self.points.append({"step": trainer.step, "train_s": trainer.result.seconds,
+                            "test_bpd": mean, "test_se": stderr})  # fmt: skip
+        if trainer.step:
+            print(f"{self.spec}: step {trainer.step}, {trainer.result.seconds:.0f} s, "
+                  f"test bpd {mean:.4f} ± {stderr:.4f}", flush=True)  # fmt: skip
 
 
 def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Path):
@@ -146,27 +157,19 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
         ema=config.ema,
         seed=config.seed,
     )
-    budget = config.budget * 60
-    max_steps = config.steps or None
     x_eval = x_test[: config.eval_images] if config.eval_images > 0 else x_test
-    curve = [curve_point(trainer, x_eval, config.seed)]
+    curve = Curve(spec, x_eval, config.seed)
+    curve(trainer)  # the untrained model
     notes = []
-    while trainer.result.seconds < budget and (max_steps is None or trainer.step < max_steps):
-        chunk = min(config.eval_every, budget - trainer.result.seconds)
-        try:
-            trainer.run(max_steps=max_steps, time_budget=chunk, progress=False)
-        except NonFiniteLossError as error:
-            notes.append(f"training stopped at step {trainer.step}: {error}")
-            print(f"  {notes[-1]}", flush=True)
-        curve.append(curve_point(trainer, x_eval, config.seed))
-        point = curve[-1]
-        print(
-            f"{spec}: step {point['step']}, {point['train_s']:.0f} s, "
-            f"test bpd {point['test_bpd']:.4f} ± {point['test_se']:.4f}",
-            flush=True,
-        )
-        if notes:
-            break
+    try:
+        trainer.run(config.steps or None, config.budget * 60, progress=False,
+                    hooks=[Every(curve, seconds=config.eval_every)])  # fmt: skip
+    except NonFiniteLossError as error:
+        notes.append(f"training stopped at step {trainer.step}: {error}")
+        print(f"  {notes[-1]}", flush=True)
+    if curve.points[-1]["step"] != trainer.step:
+        curve(trainer)
+    curve = curve.points
     result = trainer.result
     row = {
         "model": spec,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from nflows.transforms import SqueezeTransform
 
+from .errors import ConfigError
 from .models import EXACT_MAX_DIMS
 from .transforms import KINDS, PAPER_KINDS, ConvergenceWarning, invertible_attention
 
@@ -90,8 +91,8 @@ def _save_grid(rows: list[torch.Tensor], path: Path) -> None:
     save_grid(grid, path, nrow=n)
 
 
-class UsageError(Exception):
-    """A user error: printed as one line, exit status 2."""
+class UsageError(ConfigError):
+    """A bad command line: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,9 +143,6 @@ def _output_image(text: str) -> Path:
     if problem is not None:
         raise argparse.ArgumentTypeError(f"cannot write {text}: {problem}")
     return path
-
-
-_USER_ERRORS = (ValueError, FileNotFoundError, UsageError)
 
 
 def _parse_value(text: str):
@@ -549,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .runlock import RunLockedError
 
     parser = build_parser()
     try:
@@ -565,9 +564,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; did you mean {close[0]}?" if close else ""
         print(f"flowattn {args.command}: error: unknown option {flag}{hint}", file=sys.stderr)
         return 2
+    # validated user errors only: anything else is a bug and keeps its traceback
+    user_errors = (ConfigError, CheckpointError, DataError, RunLockedError, FileNotFoundError)
     try:
         return args.func(args)
-    except (*_USER_ERRORS, CheckpointError, DataError, PermissionError) as error:
+    except (*user_errors, PermissionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"flowattn: error: {message}", file=sys.stderr)
         return 2

@@ -47,6 +47,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .errors import ConfigError
+
 DATASETS = ("digits", "cifar10", "svhn", "celeba", "npz", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _SPLITS = {
@@ -106,7 +108,7 @@ def _default_root() -> Path:
 def _check_split(name: str, split: str) -> None:
     valid = _SPLITS.get(name, ("train", "test"))
     if split not in valid:
-        raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
+        raise ConfigError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
 
 
 def _as_nchw(array: np.ndarray, source: str) -> np.ndarray:
@@ -344,7 +346,7 @@ def _folder(path: Path, image_size: int | None, channels: int) -> _LazyImages:
         )
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise ConfigError(f"channels must be 1 or 3, got {channels}")
     transform = _crop_resize(None, image_size)
     ds = _LazyImages(files, None, transform, mode, path.name)
     if image_size is None:
@@ -403,14 +405,14 @@ def load_dataset(
     elif name not in DATASETS and path.is_dir():
         name, root = "folder", path
     if name not in DATASETS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown dataset {str(name)!r}; valid: {', '.join(DATASETS)}, an .npz path or "
             "an image directory"
         )
     if name in ("npz", "folder") and root is None:
-        raise ValueError(f"dataset {name!r} needs root= (the {name} path)")
+        raise ConfigError(f"dataset {name!r} needs root= (the {name} path)")
     if image_size is not None and name in ("digits", "cifar10", "svhn", "npz"):
-        raise ValueError(f"{name} has a fixed image size; image_size is for celeba and folder")
+        raise ConfigError(f"{name} has a fixed image size; image_size is for celeba and folder")
     if name != "folder":
         _check_split(name, split)
     root = _default_root() if root is None else Path(root)

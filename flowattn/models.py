@@ -71,6 +71,7 @@ from nflows.transforms import (
 )
 from torch import Tensor
 
+from .errors import ConfigError
 from .logdet import (
     ESTIMATORS,
     ExactLogDet,
@@ -188,7 +189,7 @@ class ModelConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"no such config file: {path}") from None
         except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"{path} is not valid TOML: {error}") from None
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
         values = data.get("model", data)
         return cls.from_dict({**values, **overrides})
 
@@ -200,11 +201,11 @@ class ModelConfig:
         if self.preset not in PRESETS:
             close = difflib.get_close_matches(self.preset, PRESETS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
+            raise ConfigError(
                 f"unknown preset {self.preset!r}{hint}; valid presets: {', '.join(PRESETS)}"
             )
         if self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
+            raise ConfigError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
         values = self.to_dict()
         for key, value in {**SIZES[self.size], **_PRESET_DEFAULTS[self.preset]}.items():
             if values[key] is None:
@@ -224,38 +225,38 @@ class ModelConfig:
 
     def _check(self) -> None:
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W), got {self.image_shape}")
+            raise ConfigError(f"image_shape must be (C, H, W), got {self.image_shape}")
         _, h, w = self.image_shape
         for name in ("scales", "blocks", "hidden", "n_terms", "n_probes", "max_iter"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if h % 2**self.scales or w % 2**self.scales:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.scales} scales need H and W divisible by {2**self.scales}; "
                 f"image_shape is {self.image_shape}: use fewer scales"
             )
         if not isinstance(self.attention_certified, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"attention_certified must be true or false, got {self.attention_certified!r}"
             )
         if not 0 < self.coeff < 1 or not 0 < self.attention_coeff < 1:
-            raise ValueError("coeff and attention_coeff must be in (0, 1)")
+            raise ConfigError("coeff and attention_coeff must be in (0, 1)")
         if self.preprocess not in PREPROCESSING:
-            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESSING)}")
+            raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSING)}")
         if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}")
+            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}")
         if self.residual:
             if self.activation not in ACTIVATIONS:
-                raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}")
+                raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}")
             if self.estimator not in ESTIMATORS:
-                raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}")
+                raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}")
             if self.attention is not None and self.attention not in KINDS:
-                raise ValueError(
+                raise ConfigError(
                     f"preset {self.preset!r} takes an invertible attention kind "
                     f"({', '.join(KINDS)}) or none, got {self.attention!r}"
                 )
         elif self.attention is not None and self.attention not in ORDINARY_ATTENTION:
-            raise ValueError(
+            raise ConfigError(
                 f"preset {self.preset!r} takes ordinary attention "
                 f"({', '.join(ORDINARY_ATTENTION)}) or none, got {self.attention!r}"
             )

@@ -1,6 +1,7 @@
 """Checking given names (config keys, options) against the valid ones.
 
-An unknown name raises a ValueError that suggests the closest valid one, so that a
+An unknown name raises a :class:`~flowattn.errors.ConfigError` that suggests the closest
+valid one, so that a
 typo in a config file or a keyword says what was meant.
 """
 
@@ -11,9 +12,11 @@ __all__ = ["check_names"]
 import difflib
 from collections.abc import Iterable, Sequence
 
+from .errors import ConfigError
+
 
 def check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
-    """Raises a ValueError for the first of ``names`` not in ``valid``.
+    """Raises a :class:`~flowattn.errors.ConfigError` for the first of ``names`` not in ``valid``.
 
     Arguments:
         names: The names given.
@@ -31,4 +34,4 @@ def check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
         if name not in valid:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {what} {name!r}{hint}")
+            raise ConfigError(f"unknown {what} {name!r}{hint}")

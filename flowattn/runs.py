@@ -31,16 +31,18 @@ import torch
 
 from .checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
 from .data import load_dataset, stack_images
+from .errors import ConfigError
 from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, build_model
 from .names import check_names
 from .runlock import RunLock, RunLockedError
-from .training import NonFiniteLossError, Trainer, _BatchLoss
+from .training import EMA, Every, Hook, NonFiniteLossError, Trainer, _BatchLoss
 
 
 @dataclass
@@ -101,7 +103,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Builds a config; an unknown key raises a ValueError naming the closest."""
+        """Builds a config; an unknown key raises a ConfigError naming the closest."""
         check_names(values, cls.fields(), "config key")
         config = cls(**values)
         config.check()
@@ -115,9 +117,9 @@ class RunConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"no such config file: {path}") from None
         except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"{path} is not valid TOML: {error}") from None
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
         if not isinstance(data.get("model", {}), dict):
-            raise ValueError(f"config key 'model' must be a table, got {data['model']!r}")
+            raise ConfigError(f"config key 'model' must be a table, got {data['model']!r}")
         model = dict(data.pop("model", {}))
         for entry in data.pop("resumed", []):  # what each resume changed, in order
             changes = dict(entry.get("changes", {}))
@@ -127,36 +129,36 @@ class RunConfig:
         return cls.from_dict({**data, **overrides, "model": model})
 
     def check(self) -> None:
-        """Checks the type and range of every key; a ValueError names the key."""
+        """Checks the type and range of every key; a ConfigError names the key."""
         hints = typing.get_type_hints(RunConfig)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not _matches(value, hints[f.name]):
-                raise ValueError(
+                raise ConfigError(
                     f"config key {f.name!r} must be {_describe(hints[f.name])}, got {value!r}"
                 )
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "max_bad_steps")
         for name in (*positive, "samples"):
             if getattr(self, name) < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"config key {name!r} must be at least 1, got {getattr(self, name)}"
                 )
         for name in ("warmup", "eval_every", "eval_images", "seed"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "clip", "time_budget"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"config key {name!r} must be a positive number, got {value}")
+                raise ConfigError(f"config key {name!r} must be a positive number, got {value}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"config key 'temperature' must be >= 0, got {self.temperature}")
+            raise ConfigError(f"config key 'temperature' must be >= 0, got {self.temperature}")
         if not 0 <= self.ema < 1:
-            raise ValueError(f"config key 'ema' must be in [0, 1), got {self.ema}")
+            raise ConfigError(f"config key 'ema' must be in [0, 1), got {self.ema}")
         if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"config key 'image_size' must be at least 1, got {self.image_size}")
+            raise ConfigError(f"config key 'image_size' must be at least 1, got {self.image_size}")
         resolve_device(self.device)
         if "preset" in self.model:
-            raise ValueError("set the model with the config key 'preset', not a model option")
+            raise ConfigError("set the model with the config key 'preset', not a model option")
         # the model options are checked by building the config
         shape = (3, 32, 32) if "image_shape" not in self.model else self.model["image_shape"]
         ModelConfig.from_dict({"preset": self.preset, "image_shape": shape, **self.model})
@@ -252,9 +254,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return device
 
 
@@ -301,11 +303,12 @@ def load_run_model(
         model.load_state_dict(trainer["model"])
     except (KeyError, RuntimeError, TypeError) as error:
         reason = str(error).splitlines()[0]
-        raise ValueError(f"checkpoint does not match its model config: {reason}") from None
+        raise CheckpointError(f"checkpoint does not match its model config: {reason}") from None
     if ema and trainer.get("ema") is not None:
+        averaged = EMA.parameters_in(trainer["ema"])
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(trainer["ema"]["shadow"][name])
+                p.copy_(averaged[name])
     return model.to(target).eval(), state
 
 
@@ -325,7 +328,7 @@ def state_is_finite(trainer: Trainer, batch: torch.Tensor) -> str | None:
         if not torch.isfinite(p).all():
             return f"parameter {name} is not finite"
     if trainer.ema is not None:
-        for name, t in trainer.ema.shadow.items():
+        for name, t in trainer.ema.named_parameters():
             if not torch.isfinite(t).all():
                 return f"EMA weight {name} is not finite"
     model = trainer.model
@@ -397,7 +400,7 @@ def run_training(
     device = resolve_device(config.device)
     if config.run_dir is None:
         if resume:
-            raise ValueError("--resume needs the --run-dir of the run to continue")
+            raise ConfigError("--resume needs the --run-dir of the run to continue")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         config = dataclasses.replace(
             config, run_dir=f"runs/{config.preset}-{Path(config.dataset).stem}-{stamp}"
@@ -405,12 +408,12 @@ def run_training(
     run_dir = Path(config.run_dir)
     problem = unwritable_reason(run_dir)
     if problem is not None:
-        raise ValueError(f"cannot use {run_dir} as a run directory: {problem}")
+        raise ConfigError(f"cannot use {run_dir} as a run directory: {problem}")
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if resume and not checkpoint_path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
     if not resume and checkpoint_path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose "
             "another --run-dir"
         )
@@ -421,10 +424,13 @@ def run_training(
     x_train, x_test = config.images("train"), config.images("test")
     model_options = {k: v for k, v in config.model.items() if k != "image_shape"}
     torch.manual_seed(config.seed)
-    model = build_model(config.preset, image_shape=tuple(x_train.shape[1:]), **model_options)
+    try:
+        model = build_model(config.preset, image_shape=tuple(x_train.shape[1:]), **model_options)
+    except ValueError as error:  # a model option the config check could not see
+        raise ConfigError(f"model options {model_options}: {error}") from None
     model.to(device)
     if "image_shape" in config.model and tuple(config.model["image_shape"]) != model.image_shape:
-        raise ValueError(
+        raise ConfigError(
             f"model image_shape {tuple(config.model['image_shape'])} does not match the "
             f"dataset's images {model.image_shape}"
         )
@@ -432,7 +438,7 @@ def run_training(
         saved = ModelConfig.from_dict(state["model_config"]).to_dict()
         now = model.config.to_dict()
         diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
-        raise ValueError(
+        raise ConfigError(
             f"--resume: {run_dir} holds a different model ({diff}); resume with the run's "
             "own model settings or choose another --run-dir"
         )
@@ -454,7 +460,7 @@ def run_training(
             trainer.load_state_dict(state["trainer"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
             reason = str(error).splitlines()[0]
-            raise ValueError(
+            raise ConfigError(
                 f"--resume: {checkpoint_path} does not fit this run: {reason}"
             ) from None
         if trainer.world_size > 1:  # the checkpoint holds rank 0's random state
@@ -480,6 +486,127 @@ def run_training(
             lock.release()
 
 
+class Checkpointer(Hook):
+    """Writes the run's checkpoint every ``every`` steps, and on demand, but only a state
+    that :func:`state_is_finite` passes; the replaced checkpoint is kept as
+    ``checkpoint.prev.pt``. ``good_step`` is the step of the last good checkpoint."""
+
+    def __init__(self, trainer: Trainer, path: Path, held: torch.Tensor, contents: dict,
+                 every: int, good_step: int | None, log) -> None:  # fmt: skip
+        self.trainer, self.path, self.held, self.contents = trainer, path, held, contents
+        self.every, self.good_step, self.log = every, good_step, log
+
+    def kept(self) -> str:
+        """Where the last good checkpoint is, in words."""
+        if self.good_step is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint (step {self.good_step}) is kept at {self.path}"
+
+    def save(self) -> bool:
+        """Checkpoints the current state if it is finite; whether it did."""
+        problem = state_is_finite(self.trainer, self.held)
+        if problem is not None:
+            kept = "no checkpoint has been written yet" if self.good_step is None else self.kept()
+            self.log(f"step {self.trainer.step}: not checkpointed, {problem}; {kept}")
+            return False
+        save_checkpoint({**self.contents, "trainer": self.trainer.state_dict()}, self.path)
+        self.good_step = self.trainer.step
+        return True
+
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        if trainer.step % self.every == 0:
+            self.save()
+
+
+class PlainProgress(Hook):
+    """A line every 5% of ``total`` steps or every minute, for logs without a progress
+    bar."""
+
+    def __init__(self, total: int, log) -> None:
+        self.total, self.log = total, log
+        self.every, self.last = max(1, total // 20), time.monotonic()
+
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        if trainer.step % self.every == 0 or time.monotonic() - self.last > 60:
+            self.last = time.monotonic()
+            self.log(
+                f"step {trainer.step}/{self.total}: train loss {loss:.4f} (bits/dim, training "
+                f"estimator), {trainer.result.images_per_second:.0f} img/s"
+            )
+
+
+class TrainingScalars(Hook):
+    """TensorBoard scalars every ``every`` steps: loss, gradient norm, learning rate,
+    skipped steps, speed, and each residual step's Lipschitz bound and log-dets."""
+
+    def __init__(self, writer, every: int) -> None:
+        self.writer, self.every = writer, every
+
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        step, write = trainer.step, self.writer.add_scalar
+        if step % self.every:
+            return
+        write("train/bpd", loss, step)
+        write("train/grad_norm", trainer.last_grad_norm, step)
+        write("train/lr", trainer.optimizer.param_groups[0]["lr"], step)
+        write("train/skipped_steps", trainer.result.skipped, step)
+        write("train/images_per_s", trainer.result.images_per_second, step)
+        for name, residual in trainer.model.residual_steps():
+            short = name.split(" ")[0]
+            bound = residual.lipschitz_bound()
+            if bound is not None:
+                write(f"lipschitz/{short}", bound, step)
+            if residual.last_logabsdet is not None:
+                logdet = residual.last_logabsdet.float()
+                write(f"logdet_mean/{short}", logdet.mean(), step)
+                write(f"logdet_std/{short}", logdet.std(), step)
+
+
+class TestEvaluation:
+    """Test bits/dim with the evaluation (EMA) weights, written to TensorBoard: an action
+    for :class:`~flowattn.training.Every`."""
+
+    def __init__(self, images: torch.Tensor, seed: int, writer, last_step: int) -> None:
+        self.images, self.seed, self.writer, self.last_step = images, seed, writer, last_step
+
+    def __call__(self, trainer: Trainer) -> None:
+        if trainer.step >= self.last_step:  # the final evaluation, on every image, follows
+            return
+        with trainer.evaluation_weights():
+            result = trainer.model.bits_per_dim(self.images, batch_size=256, seed=self.seed)
+        self.writer.add_scalar("test/bpd", result.mean, trainer.step)
+        self.writer.add_scalar("test/bpd_stderr", result.stderr, trainer.step)
+
+
+def _open_run_directory(config, model, trainer, state, x_train, x_test, run_dir, lock,
+                        device, log):  # fmt: skip
+    """Rank 0's preparation of the (locked) run directory: stale temporaries removed, the
+    config written (or the resume recorded in it), and a TensorBoard writer opened."""
+    for stale in remove_stale_temporaries(run_dir):
+        log(f"removed {stale.name}, left by an interrupted checkpoint write")
+    if lock.stale_pid is not None:
+        log(f"took over the lock of process {lock.stale_pid}, which is no longer running")
+    config_path = run_dir / "config.toml"
+    if state is None:
+        config_path.write_text(config.to_toml())
+    else:
+        history = _resume_history(config, state.get("run_config", {}), trainer.step)
+        if history:
+            with config_path.open("a") as f:
+                f.write(history)
+        log(f"resumed {run_dir / CHECKPOINT_NAME} at step {trainer.step}")
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{config.preset} on {config.dataset}: {len(x_train)} train / {len(x_test)} test "
+        f"images {model.image_shape}, {n_params:,} parameters, device {device}; "
+        f"run directory {run_dir}"
+    )
+    return writer
+
+
 def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock, rank, *,
                   progress, log, device) -> RunSummary:  # fmt: skip
     """The part of :func:`run_training` that runs under the run directory's lock."""
@@ -487,96 +614,27 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
     if rank == 0 and not checkpoint_path.is_file() and state is not None:
         raise FileNotFoundError(f"--resume: {checkpoint_path} disappeared")
     if rank == 0 and state is None and checkpoint_path.is_file():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it")
-    good_step = None if state is None else trainer.step
-    writer = None
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it")
+    writer = _open_run_directory(config, model, trainer, state, x_train, x_test, run_dir,
+                                 lock, device, log) if rank == 0 else None  # fmt: skip
+    checkpointer = Checkpointer(
+        trainer,
+        checkpoint_path,
+        held=x_train[: config.batch_size].to(device),
+        contents={"model_config": model.config.to_dict(), "run_config": dataclasses.asdict(config)},
+        every=config.checkpoint_every,
+        good_step=None if state is None else trainer.step,
+        log=log,
+    )
+    hooks: list[Hook] = []
     if rank == 0:
-        for stale in remove_stale_temporaries(run_dir):
-            log(f"removed {stale.name}, left by an interrupted checkpoint write")
-        if lock.stale_pid is not None:
-            log(f"took over the lock of process {lock.stale_pid}, which is no longer running")
-        config_path = run_dir / "config.toml"
-        if state is None:
-            config_path.write_text(config.to_toml())
-        else:
-            history = _resume_history(config, state.get("run_config", {}), trainer.step)
-            if history:
-                with config_path.open("a") as f:
-                    f.write(history)
-            log(f"resumed {checkpoint_path} at step {trainer.step}")
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir))
-        n_params = sum(p.numel() for p in model.parameters())
-        log(
-            f"{config.preset} on {config.dataset}: {len(x_train)} train / {len(x_test)} test "
-            f"images {model.image_shape}, {n_params:,} parameters, device {device}; "
-            f"run directory {run_dir}"
-        )
-    eval_x = x_test if config.eval_images == 0 else x_test[: config.eval_images]
-    held = x_train[: config.batch_size].to(device)
-    run_config = dataclasses.asdict(config)
-
-    def save() -> bool:
-        """Checkpoints the current state if it is finite; whether it did."""
-        nonlocal good_step
-        if rank != 0:
-            return False
-        problem = state_is_finite(trainer, held)
-        if problem is not None:
-            kept = (
-                f"the last good checkpoint (step {good_step}) is kept at {checkpoint_path}"
-                if good_step is not None
-                else "no checkpoint has been written yet"
-            )
-            log(f"step {trainer.step}: not checkpointed, {problem}; {kept}")
-            return False
-        save_checkpoint(
-            {
-                "model_config": model.config.to_dict(),
-                "run_config": run_config,
-                "trainer": trainer.state_dict(),
-            },
-            checkpoint_path,
-        )
-        good_step = trainer.step
-        return True
-
-    plain_every = max(1, config.steps // 20)
-    last_line = time.monotonic()
-
-    def on_step(step: int, loss: float) -> None:
-        nonlocal last_line
-        if rank != 0:
-            return
-        if not progress and (step % plain_every == 0 or time.monotonic() - last_line > 60):
-            last_line = time.monotonic()
-            log(
-                f"step {step}/{config.steps}: train loss {loss:.4f} (bits/dim, training "
-                f"estimator), {trainer.result.images_per_second:.0f} img/s"
-            )
-        if step % config.log_every == 0:
-            writer.add_scalar("train/bpd", loss, step)
-            writer.add_scalar("train/grad_norm", trainer.last_grad_norm, step)
-            writer.add_scalar("train/lr", trainer.optimizer.param_groups[0]["lr"], step)
-            writer.add_scalar("train/skipped_steps", trainer.result.skipped, step)
-            writer.add_scalar("train/images_per_s", trainer.result.images_per_second, step)
-            for name, residual in model.residual_steps():
-                short = name.split(" ")[0]
-                bound = residual.lipschitz_bound()
-                if bound is not None:
-                    writer.add_scalar(f"lipschitz/{short}", bound, step)
-                if residual.last_logabsdet is not None:
-                    logdet = residual.last_logabsdet.float()
-                    writer.add_scalar(f"logdet_mean/{short}", logdet.mean(), step)
-                    writer.add_scalar(f"logdet_std/{short}", logdet.std(), step)
-        if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-            with trainer.evaluation_weights():
-                result = model.bits_per_dim(eval_x, batch_size=256, seed=config.seed)
-            writer.add_scalar("test/bpd", result.mean, step)
-            writer.add_scalar("test/bpd_stderr", result.stderr, step)
-        if step % config.checkpoint_every == 0:
-            save()
+        eval_x = x_test if config.eval_images == 0 else x_test[: config.eval_images]
+        evaluation = TestEvaluation(eval_x, config.seed, writer, config.steps)
+        hooks += [TrainingScalars(writer, config.log_every), checkpointer]
+        if config.eval_every:
+            hooks.append(Every(evaluation, steps=config.eval_every))
+        if not progress:
+            hooks.append(PlainProgress(config.steps, log))
 
     interrupted = False
     budget = None if config.time_budget is None else config.time_budget * 60
@@ -584,17 +642,15 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        trainer.run(config.steps, budget, progress=progress, callback=on_step)
+        trainer.run(config.steps, budget, progress=progress, hooks=hooks)
     except KeyboardInterrupt as stop:
         interrupted = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-        saved = save()
-        if rank == 0 and saved:
+        if rank == 0 and checkpointer.save():
             log(f"{interrupted} at step {trainer.step}: checkpoint written to {checkpoint_path}")
     except NonFiniteLossError as error:
-        if good_step is not None:
-            kept = f"the last good checkpoint (step {good_step}) is kept at {checkpoint_path}"
-        else:
-            kept = "no checkpoint was written (the run diverged before its first)"
+        kept = checkpointer.kept()
+        if checkpointer.good_step is None:
+            kept += " (the run diverged before its first)"
         if rank == 0:
             log(f"stopping; {kept}")
         raise NonFiniteLossError(f"{error}; {kept}") from None
@@ -613,15 +669,11 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
         return RunSummary(
             run_dir, trainer.step, None, None, None, interrupted=interrupted, **common
         )
-    if not save() and rank == 0:
+    if rank == 0 and not checkpointer.save():
         writer.close()
         raise NonFiniteLossError(
             f"the final state (step {trainer.step}) is not finite and was not checkpointed; "
-            + (
-                f"the last good checkpoint (step {good_step}) is kept at {checkpoint_path}"
-                if good_step is not None
-                else "no checkpoint was written"
-            )
+            + checkpointer.kept()
         )
     if rank != 0:
         return RunSummary(run_dir, trainer.step, None, None, None, **common)

@@ -18,12 +18,23 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["EMA", "NonFiniteLossError", "TrainResult", "Trainer", "train"]
+__all__ = [
+    "EMA",
+    "BatchOrder",
+    "Every",
+    "Hook",
+    "NonFiniteLossError",
+    "StepCallback",
+    "TrainResult",
+    "Trainer",
+    "WarmedUpDecay",
+    "train",
+]
 
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,42 +74,78 @@ class TrainResult:
         return self.images / self.seconds if self.seconds > 0 else math.nan
 
 
-class EMA:
-    r"""Exponential moving average of a model's floating-point parameters.
+class WarmedUpDecay:
+    r"""The averaging rule of :class:`EMA`, an ``avg_fn`` for torch's ``AveragedModel``:
+    ``average + (1 - d_t) (current - average)`` with ``d_t = min(decay, (1 + t) / (10 + t))``
+    at the t-th update (a picklable class, not a lambda)."""
 
-    ``shadow = decay * shadow + (1 - decay) * param`` after every step, with the
-    warm-up ``decay_t = min(decay, (1 + t) / (10 + t))`` so early averages are not
-    dominated by the initial weights. :meth:`applied` swaps the averaged weights in.
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, average: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
+        t = int(num_averaged)
+        decay = min(self.decay, (1 + t) / (10 + t))
+        return average + (current - average) * (1 - decay)
+
+
+class EMA:
+    r"""Exponential moving average of a model's parameters, kept in a
+    ``torch.optim.swa_utils.AveragedModel``.
+
+    The average starts at the model's weights and after the t-th :meth:`update` is
+    ``d_t * average + (1 - d_t) * param``, with the warm-up
+    ``d_t = min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by the
+    initial weights (:class:`WarmedUpDecay`). :meth:`applied` swaps the averaged
+    weights into the model for a block (buffers stay the model's own).
+
+    Arguments:
+        model: The model whose parameters are averaged.
+        decay: The decay, in [0, 1).
 
     Examples:
-        >>> net = nn.Linear(2, 2)
-        >>> ema = EMA(net, decay=0.9)
-        >>> ema.update()
+        >>> net = nn.Linear(1, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(0.0)
+        >>> ema = EMA(net, decay=0.5)
+        >>> with torch.no_grad():
+        ...     _ = net.weight.fill_(1.0)
+        >>> ema.update()  # d_1 = min(0.5, 2 / 11): 0 + (1 - 2 / 11) * (1 - 0)
         >>> with ema.applied():
-        ...     pass
+        ...     round(net.weight.item(), 6)
+        0.818182
+        >>> net.weight.item()  # the model's own weights are back after the block
+        1.0
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        from torch.optim.swa_utils import AveragedModel
+
         self.model = model
         self.decay = decay
-        self.updates = 0
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.averaged = AveragedModel(model, avg_fn=WarmedUpDecay(decay))
+        self.averaged.update_parameters(model)  # the average starts at the current weights
 
-    @torch.no_grad()
+    @property
+    def updates(self) -> int:
+        """Updates since the average started."""
+        return int(self.averaged.n_averaged) - 1
+
     def update(self) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, p in self.model.named_parameters():
-            self.shadow[name].lerp_(p.detach(), 1 - decay)
+        self.averaged.update_parameters(self.model)
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """The averaged parameters, named as the model's."""
+        return self.averaged.module.named_parameters()
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         saved = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        averaged = dict(self.named_parameters())
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.copy_(self.shadow[name])
+                p.copy_(averaged[name])
         try:
             yield
         finally:
@@ -107,11 +154,32 @@ class EMA:
                     p.copy_(saved[name])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        return {"decay": self.decay, "averaged": self.averaged.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.updates = state["decay"], state["updates"]
-        self.shadow = {n: t.to(self.shadow[n]) for n, t in state["shadow"].items()}
+        self.decay = state["decay"]
+        self.averaged.avg_fn = WarmedUpDecay(self.decay)
+        if "averaged" not in state:  # written before 0.2: {"decay", "updates", "shadow"}
+            state = {"averaged": _averaged_state(state, self.averaged)}
+        self.averaged.load_state_dict(state["averaged"])
+
+    @staticmethod
+    def parameters_in(state: dict[str, Any]) -> dict[str, Tensor]:
+        """The averaged parameters, by name, in a saved :meth:`state_dict` (either layout)."""
+        if "shadow" in state:
+            return dict(state["shadow"])
+        prefix = "module."
+        return {k[len(prefix) :]: v for k, v in state["averaged"].items() if k.startswith(prefix)}
+
+
+def _averaged_state(old: dict[str, Any], averaged: nn.Module) -> dict[str, Any]:
+    """An ``AveragedModel`` state from an EMA state saved before 0.2 (buffers from the
+    current averaged copy, which a shadow did not hold)."""
+    state = averaged.state_dict()
+    for name, tensor in old["shadow"].items():
+        state[f"module.{name}"] = tensor
+    state["n_averaged"] = torch.tensor(int(old["updates"]) + 1, dtype=torch.long)
+    return state
 
 
 class _BatchLoss(nn.Module):
@@ -175,6 +243,129 @@ def _set_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class BatchOrder:
+    """Shuffled passes over ``num_images`` indices, cut into global batches; each rank
+    takes its own disjoint slice (``rank::world_size``) of every batch. A pass's leftover
+    images that do not fill a batch are skipped, and the next pass is a new permutation.
+
+    Arguments:
+        num_images: Images to draw from.
+        batch_size: Images per global batch (a multiple of ``world_size``).
+        seed: Seed of the permutations.
+        rank: This process's rank.
+        world_size: Number of processes.
+
+    Examples:
+        >>> order = BatchOrder(5, batch_size=2, seed=0)
+        >>> batches = [order.next() for _ in range(3)]  # two batches, then a new pass
+        >>> sorted(torch.cat(batches[:2]).tolist()) == sorted(set(torch.cat(batches[:2]).tolist()))
+        True
+        >>> restored = BatchOrder(5, batch_size=2, seed=1)
+        >>> restored.load_state_dict(order.state_dict())
+        >>> torch.equal(restored.next(), order.next())
+        True
+    """
+
+    def __init__(
+        self, num_images: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
+        if batch_size < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of {world_size}")
+        if batch_size > num_images:
+            raise ValueError(f"batch_size {batch_size} exceeds the {num_images} images")
+        self.num_images, self.batch_size = num_images, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(num_images, generator=self.generator)
+        self.cursor = 0
+
+    def next(self, advance: bool = True) -> Tensor:
+        """This rank's indices of the next batch (``advance=False``: peek)."""
+        if self.cursor + self.batch_size > self.num_images:
+            self.order, self.cursor = torch.randperm(self.num_images, generator=self.generator), 0
+        index = self.order[self.cursor : self.cursor + self.batch_size]
+        if advance:
+            self.cursor += self.batch_size
+        return index[self.rank :: self.world_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self.order, "cursor": self.cursor, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.cursor = state["order"], state["cursor"]
+        self.generator.set_state(state["generator"])
+
+
+class Hook:
+    """Something a :class:`Trainer` calls as it runs: :meth:`after_step` after every
+    completed (finite) step, :meth:`after_run` when :meth:`Trainer.run` returns or is
+    stopped by an exception. Subclasses override what they need."""
+
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        """Runs after each completed step; ``loss`` is the step's training bits/dim."""
+
+    def after_run(self, trainer: Trainer) -> None:
+        """Runs when :meth:`Trainer.run` ends (normally or not)."""
+
+
+class Every(Hook):
+    """Calls ``action(trainer)`` every ``steps`` completed steps and/or every ``seconds``
+    of training time (time in training steps only, so evaluations do not shift it).
+
+    Arguments:
+        action: A callable taking the trainer.
+        steps: Period in steps (None or 0: no step period).
+        seconds: Period in seconds of training time (None or 0: no time period).
+
+    Examples:
+        >>> from flowattn.models import build_model
+        >>> model = build_model("glow", image_shape=(1, 8, 8), blocks=1, hidden=8)
+        >>> x = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8)
+        >>> trainer, seen = Trainer(model, x, batch_size=16), []
+        >>> hook = Every(lambda t: seen.append(t.step), steps=2)
+        >>> _ = trainer.run(max_steps=5, progress=False, hooks=[hook])
+        >>> seen
+        [2, 4]
+    """
+
+    def __init__(
+        self,
+        action: Callable[[Trainer], None],
+        *,
+        steps: int | None = None,
+        seconds: float | None = None,
+    ):
+        if not steps and not seconds:
+            raise ValueError("give a period: steps or seconds")
+        self.action, self.steps, self.seconds = action, steps or None, seconds or None
+        self.last_time: float | None = None
+
+    def due(self, trainer: Trainer) -> bool:
+        """Whether the step just completed ends a period (each multiple of ``seconds`` of
+        training time is crossed once)."""
+        now, last = trainer.result.seconds, self.last_time
+        self.last_time = now
+        if self.steps is not None and trainer.step % self.steps == 0:
+            return True
+        if self.seconds is not None and last is not None:
+            return now // self.seconds > last // self.seconds
+        return False
+
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        if self.due(trainer):
+            self.action(trainer)
+
+
+class StepCallback(Hook):
+    """Calls ``callback(step, loss)`` after every completed step."""
+
+    def __init__(self, callback: Callable[[int, float], None]):
+        self.callback = callback
+
+    def after_step(self, trainer: Trainer, loss: float) -> None:
+        self.callback(trainer.step, loss)
+
+
 class Trainer:
     r"""A training run: model, optimiser, EMA, batch order and step, checkpointable.
 
@@ -226,10 +417,7 @@ class Trainer:
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank = torch.distributed.get_rank() if self.distributed else 0
         self.world_size = torch.distributed.get_world_size() if self.distributed else 1
-        if batch_size % self.world_size or batch_size < self.world_size:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of {self.world_size}")
-        if batch_size > len(images):
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(images)} images")
+        self.batches = BatchOrder(len(images), batch_size, seed, self.rank, self.world_size)
         self.batch_size = batch_size
         self.warmup = warmup
         self.clip = clip
@@ -237,11 +425,9 @@ class Trainer:
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.ema = EMA(model, ema) if ema > 0 else None
-        self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(images), generator=self.generator)
-        self.cursor = 0
         self.step = 0
         self.bad_in_row = 0
+        self.stopping = False
         self.result = TrainResult()
         self.last_grad_norm = math.nan
         self.loss_module: nn.Module = _BatchLoss(model)
@@ -257,12 +443,7 @@ class Trainer:
         self.loss_module = nn.parallel.DistributedDataParallel(self.loss_module)
 
     def _next_batch(self, advance: bool = True) -> Tensor:
-        if self.cursor + self.batch_size > len(self.images):
-            self.order, self.cursor = torch.randperm(len(self.images), generator=self.generator), 0
-        index = self.order[self.cursor : self.cursor + self.batch_size]
-        if advance:
-            self.cursor += self.batch_size
-        return self.images[index[self.rank :: self.world_size]].to(self.model.device)
+        return self.images[self.batches.next(advance)].to(self.model.device)
 
     def train_step(self) -> float:
         """One optimiser step; returns the loss (NaN if skipped as non-finite)."""
@@ -310,11 +491,13 @@ class Trainer:
         time_budget: float | None = None,
         *,
         progress: bool = True,
-        callback: Callable[[int, float], None] | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> TrainResult:
-        """Trains until ``max_steps`` total steps or ``time_budget`` seconds of this call.
+        """Trains until ``max_steps`` total steps, ``time_budget`` seconds of training in
+        this call, or a hook calls :meth:`stop`.
 
-        ``callback(step, loss)`` runs after every completed step (checkpoints, logs).
+        Every hook's ``after_step`` runs after each completed step (logs, evaluations,
+        checkpoints: see :class:`Every`), and its ``after_run`` when the call ends.
         """
         if max_steps is None and time_budget is None:
             raise ValueError("give max_steps or time_budget")
@@ -324,15 +507,16 @@ class Trainer:
 
             bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step")
         started = self.result.seconds
+        self.stopping = False
         try:
-            while max_steps is None or self.step < max_steps:
+            while (max_steps is None or self.step < max_steps) and not self.stopping:
                 if time_budget is not None and self.result.seconds - started >= time_budget:
                     break
                 loss = self.train_step()
                 if math.isnan(loss):
                     continue
-                if callback is not None:
-                    callback(self.step, loss)
+                for hook in hooks:
+                    hook.after_step(self, loss)
                 if bar is not None:
                     bar.update(1)
                     rate = self.result.images_per_second
@@ -340,7 +524,13 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            for hook in hooks:
+                hook.after_run(self)
         return self.result
+
+    def stop(self) -> None:
+        """Ends :meth:`run` after the current step (for hooks)."""
+        self.stopping = True
 
     @contextmanager
     def evaluation_weights(self) -> Iterator[None]:
@@ -358,9 +548,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "step": self.step,
-            "order": self.order,
-            "cursor": self.cursor,
-            "generator": self.generator.get_state(),
+            "batches": self.batches.state_dict(),
             "random": _random_states(),
             "result": {
                 "steps": self.result.steps,
@@ -376,8 +564,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        self.step, self.order, self.cursor = state["step"], state["order"], state["cursor"]
-        self.generator.set_state(state["generator"])
+        self.step = state["step"]
+        # written before 0.2: the batch order's fields at the top level
+        self.batches.load_state_dict(state.get("batches", state))
         _set_random_states(state["random"])
         self.result = TrainResult(**state["result"])
 
@@ -418,4 +607,5 @@ def train(
         seed=seed,
         max_bad_steps=10**9,
     )
-    return trainer.run(max_steps, time_budget, progress=progress, callback=callback)
+    hooks = [] if callback is None else [StepCallback(callback)]
+    return trainer.run(max_steps, time_budget, progress=progress, hooks=hooks)

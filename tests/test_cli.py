@@ -333,3 +333,16 @@ def test_a_read_only_run_directory_is_a_one_line_error(run, tmp_path):
             if path.is_dir():
                 path.chmod(0o755)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_internal_error_keeps_its_traceback(run, monkeypatch):
+    """Only validated user errors become one-line messages: a ValueError from inside the
+    library (a bug) propagates."""
+    import flowattn.runs
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(flowattn.runs, "load_run_model", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["eval", str(run), "--no-progress"])

@@ -1,0 +1,14 @@
+"""The error a user can fix by changing a setting.
+
+:class:`ConfigError` is raised where a config key, model option or command-line value is
+checked; the ``flowattn`` command prints it as one line and exits with status 2. Other
+``ValueError``\\ s are programming errors and keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A setting (config key, model option, flag value) is invalid; the message names it."""
