@@ -4,12 +4,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import stress_weights
+from conftest import check_bijection, stress_weights
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
 from nflows.transforms import ActNorm, CompositeTransform, SqueezeTransform
 
 from flowattn import invertible_attention
+from flowattn.logdet import ExactLogDet
+from flowattn.nn.conv_branch import ConvResidualBranch
 from flowattn.transforms import (
     KINDS,
     ConvergenceError,
@@ -58,6 +60,26 @@ def test_inverse_logdet_is_minus_forward_logdet(kind):
     y, forward_logdet = step(x)
     _, inverse_logdet = step.inverse(y.detach())
     torch.testing.assert_close(inverse_logdet, -forward_logdet.detach(), rtol=1e-8, atol=1e-8)
+
+
+STEPS = [*KINDS, "faithful:gaussian", "conv"]
+
+
+def _exact_step(variant: str) -> ResidualTransform:
+    """A residual step of each kind with the exact log-det, in float64."""
+    if variant == "conv":
+        branch = ConvResidualBranch(4, hidden=8, coeff=0.9)
+        return ResidualTransform(branch, ExactLogDet(), input_shape=(4, 4, 4)).double()
+    kind = variant.removeprefix("faithful:")
+    certified = not variant.startswith("faithful:")
+    return invertible_attention(kind, 4, certified=certified, estimator="exact").double()
+
+
+@pytest.mark.parametrize("variant", STEPS)
+def test_residual_steps_are_bijections_with_exact_logdets(variant):
+    step = _exact_step(variant)
+    stress_weights(step.branch, 1.5)
+    check_bijection(step, torch.randn(2, 4, 4, 4, dtype=torch.float64) * 0.5)
 
 
 class _Expanding(torch.nn.Module):
