@@ -1,82 +1,76 @@
 """What the experiment scripts share: configs from TOML files and flags, and image loading.
 
-An experiment's settings are a dataclass. A config file holds its fields as top-level
-TOML keys (list fields as TOML arrays, a ``[model]`` table for dict fields); every field
-is also a flag (``--batch-size 64``; lists comma-separated), and flags override the file.
+An experiment's settings are a dataclass, parsed by flowattn's config layer
+(:mod:`flowattn.configs`, on jsonargparse) as ``flowattn train``'s are. A config file
+holds its fields as top-level TOML keys (list fields as TOML arrays, a ``[model]`` table
+for dict fields); every field is also a flag (``--batch_size 64``, ``--models '[a, b]'``;
+the 0.1 spellings ``--batch-size`` and ``--models a,b`` still work), and flags after
+``--config`` override the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from jsonargparse import ArgumentError
 from torch import Tensor
 
+from flowattn.configs import config_parser, modern_argv, one_line, parse_values, read_file
 from flowattn.data import load_dataset, stack_images
-from flowattn.names import check_names
+from flowattn.errors import ConfigError
 
 T = TypeVar("T")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds ``--config`` and one flag per field of the dataclass ``cls``."""
-    parser.add_argument("--config", help="a TOML file of the settings below")
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, dict):
-            continue  # tables live in config files
-        if isinstance(value, list):
-            parser.add_argument(flag, help=f"comma-separated (default {','.join(value)})")
-        elif isinstance(value, bool):
-            parser.add_argument(flag, type=_boolean, help=f"true/false (default {value})")
-        else:
-            parser.add_argument(flag, type=type(value), help=f"default {value!r}")
+def parse_config(cls: type[T], argv: list[str] | None, description: str, **extra: Any) -> T:
+    """The settings of the dataclass ``cls`` from a command line: ``--config FILE.toml``
+    and one flag per field (flowattn's config layer, :mod:`flowattn.configs`); ``extra``
+    are flags that are not settings (name: help), returned as attributes of the config's
+    ``flags`` namespace. Errors exit with one line."""
+    import sys
+
+    parser = config_parser(cls, description=description)
+    for name, help_text in extra.items():
+        parser.add_argument(f"--{name}", action="store_true", help=help_text)
+    argv = modern_argv(sys.argv[1:] if argv is None else list(argv), cls)
+    try:
+        args = parser.parse_args(argv)
+        config = parse_values(cls, {f.name: args[f.name] for f in dataclasses.fields(cls)})
+    except (ArgumentError, ConfigError) as error:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        raise SystemExit(f"error: {one_line(error, fields)}") from None
+    config.flags = argparse.Namespace(**{n.replace("-", "_"): args[n.replace("-", "_")]
+                                         for n in extra})  # fmt: skip
+    return config
 
 
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
-    """The settings of a config file (if any) with the flags given applied on top."""
-    values: dict[str, Any] = {}
-    if args.config:
-        with open(args.config, "rb") as f:
-            values = tomllib.load(f)
-        try:
-            check_names(values, [f.name for f in dataclasses.fields(cls)], "key")
-        except ValueError as error:
-            raise SystemExit(f"error: {args.config}: {error}") from None
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = (
-                given.split(",") if isinstance(getattr(defaults, f.name), list) else given
-            )
-    return cls(**values)
+def read_config(cls: type[T], path: str | Path) -> T:
+    """The settings of the dataclass ``cls`` in a TOML file."""
+    return parse_values(cls, read_file(path))
 
 
 @dataclasses.dataclass
 class DataConfig:
-    """The data settings every experiment has (the first fields of its config)."""
+    """The data settings every experiment has (the first fields of its config).
+
+    Attributes:
+        dataset: Dataset name, ``.npz`` path or image folder.
+        root: Where torchvision-layout datasets are ("": $FLOWATTN_DATA or ./data).
+        image_size: Resize to this side (celeba, folder); 0: the dataset's own size.
+        train_images: Training images used (0: all).
+        test_images: Test images used (0: all).
+    """
 
     dataset: str = "../shared/data/cifar10/cifar10_subset.npz"
-    root: str = ""  # torchvision root; "": $FLOWATTN_DATA or ./data
-    image_size: int = 0  # resize to this (celeba, folder); 0: the dataset's own size
-    train_images: int = 0  # 0: all
-    test_images: int = 0  # 0: all
+    root: str = ""
+    image_size: int = 0
+    train_images: int = 0
+    test_images: int = 0
 
     def images(self, split: str) -> Tensor:
         """uint8 images (N, C, H, W) of ``train`` or ``test``, as many as the config says."""

@@ -30,7 +30,6 @@ Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per model),
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -39,14 +38,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import (
     DataConfig,
-    add_config_flags,
-    config_from_args,
     describe_size,
     ensure_dir,
+    parse_config,
     quiet_known_warnings,
     set_threads,
 )
@@ -66,27 +65,52 @@ SIGNIFICANT_Z = 2.0  # a paired difference this many standard errors from zero
 
 @dataclass
 class Config(DataConfig):
-    """One run's settings (the keys of a config file, and the flags); ``test_images`` are
-    those of the final evaluation."""
+    """One run's settings (the keys of a config file, and the flags).
 
-    eval_images: int = 256  # images of each evaluation along the curve
+    Attributes:
+        dataset: Dataset name, ``.npz`` path or image folder.
+        root: Where torchvision-layout datasets are ("": $FLOWATTN_DATA or ./data).
+        image_size: Resize to this side (celeba, folder); 0: the dataset's own size.
+        train_images: Training images used (0: all).
+        test_images: Test images of the final evaluation (0: all).
+        eval_images: Test images of each evaluation along the curve.
+        models: Model specs, ``preset[:attention][@estimator]``.
+        baseline: The model that paired differences are taken against.
+        model: Options of every model (``size``, ``hidden``...).
+        batch_size: Images per step.
+        lr: Peak learning rate (Adam).
+        warmup: Linear warm-up steps.
+        ema: EMA decay of the evaluation weights.
+        budget: Minutes of training per model.
+        steps: Step limit per model (0: none).
+        eval_every: Seconds of training between evaluations along the curve.
+        sample_n: Samples drawn and timed per model.
+        temperature: Sampling temperature.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        threads: CPU threads.
+        seed: Seed of weights, batches, probes and noise.
+        out: Output folder.
+        resume: Keep the models already in ``out/results.json``; train the rest.
+    """
+
+    eval_images: int = 256
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    baseline: str = "iresnet"  # paired differences are taken against this model
-    model: dict = field(default_factory=lambda: {"size": "tiny"})  # options of every model
+    baseline: str = "iresnet"
+    model: dict[str, Any] = field(default_factory=lambda: {"size": "tiny"})
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
     ema: float = 0.99
-    budget: float = 4.0  # minutes of training per model
-    steps: int = 0  # 0: no step limit
-    eval_every: float = 30.0  # seconds of training between evaluations
+    budget: float = 4.0
+    steps: int = 0
+    eval_every: float = 30.0
     sample_n: int = 64
     temperature: float = 0.7
     device: str = "auto"
     threads: int = 2
     seed: int = 0
     out: str = "outputs/density/cifar10-cpu"
-    resume: bool = False  # keep the models already in out/results.json; train the rest
+    resume: bool = False
 
 
 def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> ModelConfig:
@@ -390,12 +414,10 @@ def run(config: Config) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_flags(parser, Config)
-    args = parser.parse_args(argv)
+    config = parse_config(Config, argv, __doc__.splitlines()[0])
     quiet_known_warnings()
     try:
-        run(config_from_args(Config, args))
+        run(config)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -29,7 +29,6 @@ row over reconstruction row, full resolution).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import time
@@ -41,10 +40,9 @@ from pathlib import Path
 import torch
 from common import (
     DataConfig,
-    add_config_flags,
-    config_from_args,
     describe_size,
     ensure_dir,
+    parse_config,
     quiet_known_warnings,
     set_threads,
 )
@@ -113,7 +111,24 @@ def build_step(variant: str, channels: int, coeff: float) -> ResidualTransform:
 
 @dataclass
 class Config(DataConfig):
-    """One dataset's settings (the keys of a config file, and the flags)."""
+    """One dataset's settings (the keys of a config file, and the flags).
+
+    Attributes:
+        dataset: Dataset name, ``.npz`` path or image folder.
+        root: Where torchvision-layout datasets are ("": $FLOWATTN_DATA or ./data).
+        image_size: Resize to this side (celeba, folder); 0: the dataset's own size.
+        train_images: Training images used (0: all).
+        test_images: Held-out images inverted.
+        steps: Adam steps of the fit.
+        batch_size: Images per step.
+        lr: Learning rate.
+        coeff: Lipschitz coefficient c of the invertible kinds.
+        seed: Seed of weights, batches and targets.
+        threads: CPU threads.
+        kinds: The variants to train and invert.
+        show: Images per row in the figures.
+        out: Output folder.
+    """
 
     test_images: int = 64
     steps: int = 500
@@ -345,14 +360,12 @@ def figure(x: Tensor, reconstructions: dict[str, Tensor], rows: list[dict], path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_config_flags(parser, Config)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    config = parse_config(
+        Config, argv, __doc__.splitlines()[0], **{"no-progress": "no progress bar"}
+    )
     quiet_known_warnings()
-    config = config_from_args(Config, args)
     try:
-        run(config, progress=not args.no_progress)
+        run(config, progress=not config.flags.no_progress)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
 

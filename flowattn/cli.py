@@ -21,8 +21,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentParser
 from nflows.transforms import SqueezeTransform
 
+from . import configs
 from .errors import ConfigError
 from .models import EXACT_MAX_DIMS
 from .transforms import KINDS, PAPER_KINDS, ConvergenceWarning, invertible_attention
@@ -95,13 +97,6 @@ class UsageError(ConfigError):
     """A bad command line: printed as one line, exit status 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``flowattn CMD: error: ...``, exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 MAX_SAMPLES = 10_000  # samples of one `flowattn sample` grid (all held in memory)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -127,10 +122,13 @@ def _temperature(text: str) -> float:
     return value
 
 
-def _output_image(text: str) -> Path:
+def _output_image(text: str | Path) -> Path:
     """An image path to write: a known image suffix, a parent that is (or can be) a
-    folder, and that folder writable."""
+    folder, and that folder writable (a Path is one already checked)."""
     import os
+
+    if isinstance(text, Path):
+        return text
 
     path = Path(text)
     if text.endswith(("/", os.sep)) or path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -145,67 +143,6 @@ def _output_image(text: str) -> Path:
     return path
 
 
-def _parse_value(text: str):
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _model_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise UsageError(f"--model expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = _parse_value(value.strip())
-    return out
-
-
-def _plain(text: str) -> str:
-    """Docstring markup (``code``, :func:`name`) as plain text for --help."""
-    import re
-
-    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    import dataclasses
-
-    from .runs import RunConfig
-
-    helps = {
-        line.split(":")[0].strip(): line.split(":", 1)[1].strip()
-        for line in (RunConfig.__doc__ or "").splitlines()
-        if ":" in line and line.startswith("        ") and not line.startswith("         ")
-    }
-    for f in dataclasses.fields(RunConfig):
-        if f.name == "model":
-            continue
-        default = f.default
-        kind = {int: int, float: float}.get(type(default), str)
-        if f.name in ("time_budget",):
-            kind = float
-        if f.name in ("image_size",):
-            kind = int
-        p.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=f"{_plain(helps.get(f.name, ''))} (default: {default})",
-        )
-    p.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model option, e.g. --model attention=l2 --model hidden=32 (repeatable)",
-    )
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
@@ -213,21 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .runs import RunConfig, run_training
     from .training import NonFiniteLossError
 
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"model"}
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
-    model = _model_overrides(args.model)
-    if args.resume and not args.config:
-        run_dir = overrides.get("run_dir")
-        if run_dir is None:
-            raise UsageError("--resume needs the --run-dir of the run to continue")
-        saved = os.path.join(run_dir, "config.toml")
-        if not os.path.isfile(saved):
-            raise UsageError(f"--resume: no run at {run_dir} (no config.toml)")
-        args.config = saved
-    if args.config:
-        config = RunConfig.from_file(args.config, model=model, **overrides)
-    else:
-        config = RunConfig.from_dict({**overrides, "model": model})
+    config = RunConfig.from_dict({f.name: args[f.name] for f in dataclasses.fields(RunConfig)})
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -449,16 +372,31 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="flowattn", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _subcommand(description: str) -> ArgumentParser:
+    return ArgumentParser(exit_on_error=False, description=description)
 
-    p = sub.add_parser(
-        "train",
-        help="train a density model (no arguments: small certified iresnet-attn on digits)",
-        description="Train a density model. Flags override the config file's values.",
+
+def _build() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
+    """The ``flowattn`` parser and its subcommands' parsers, by name."""
+    from .runs import RunConfig
+
+    parser = ArgumentParser(
+        prog="flowattn",
+        description=__doc__.splitlines()[0],
+        exit_on_error=False,
+        parser_mode="toml",
     )
-    p.add_argument("--config", help="TOML config file (keys as the flags; a [model] table)")
+    subcommands: dict[str, tuple[ArgumentParser, str]] = {}
+
+    p = configs.config_parser(
+        RunConfig,
+        description="Train a density model. Flags after --config override the file's values; "
+        "a model option is --model.KEY VALUE (or --model KEY=VALUE).",
+    )
+    subcommands["train"] = (
+        p,
+        "train a density model (no arguments: small certified iresnet-attn on digits)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     p.add_argument(
         "--trust-checkpoint",
@@ -467,10 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-checksum", action="store_true", help=argparse.SUPPRESS)
-    _add_config_flags(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="test bits-per-dim of a run, with its standard error")
+    p = _subcommand("Test bits-per-dim of a run, with its standard error.")
+    subcommands["eval"] = (p, "test bits-per-dim of a run, with its standard error")
     _add_run_arguments(p)
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=_count, help="evaluate the first N images only")
@@ -497,18 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
         "of training, so the figures agree)",
     )
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sample", help="write a grid of samples")
+    p = _subcommand("Write a grid of samples.")
+    subcommands["sample"] = (p, "write a grid of samples")
     _add_run_arguments(p)
     p.add_argument("-n", type=_count, default=64, help=f"number of samples (<= {MAX_SAMPLES})")
     p.add_argument("--temperature", type=_temperature, default=0.7)
     p.add_argument("-o", "--output", type=_output_image, default=Path("samples.png"))
     p.add_argument("--batch-size", type=_count, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("reconstruct", help="encode and decode images; print the error")
+    p = _subcommand("Encode and decode images; print the error.")
+    subcommands["reconstruct"] = (p, "encode and decode images; print the error")
     _add_run_arguments(p)
     p.add_argument(
         "--images",
@@ -519,29 +456,89 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="split of datasets given by name")
     p.add_argument("--limit", type=_count, default=16)
     p.add_argument("-o", "--output", type=_output_image, default=Path("reconstructions.png"))
-    p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("certify", help="Lipschitz bounds of every residual step, inverse check")
+    p = _subcommand("Lipschitz bounds of every residual step, and an inverse check.")
+    subcommands["certify"] = (p, "Lipschitz bounds of every residual step, inverse check")
     _add_run_arguments(p)
     p.add_argument("-n", type=_count, default=16, help="test images to invert")
-    p.set_defaults(func=cmd_certify)
 
-    p = sub.add_parser("attention", help="picture of the attention maps for an image")
+    p = _subcommand("A picture of the attention maps for an image.")
+    subcommands["attention"] = (p, "picture of the attention maps for an image")
     _add_run_arguments(p)
     p.add_argument("--image", required=True, help="an image file, or a dataset name/path")
     p.add_argument("--queries", type=int, default=4, help="query pixels (or slots) shown")
     p.add_argument("-o", "--output", type=_output_image, default=Path("attention.png"))
-    p.set_defaults(func=cmd_attention)
 
-    p = sub.add_parser("demo", help="invert real images through each attention kind")
+    p = _subcommand("Invert real images through each attention kind.")
+    subcommands["demo"] = (p, "invert real images through each attention kind")
     p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
     p.add_argument("--npz", help="read uint8 images from this .npz file instead of digits")
     p.add_argument("--key", default="x_test", help="array name in the .npz (default x_test)")
     p.add_argument("--max-iter", type=int, default=500, help="fixed-point iteration cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="outputs/demo_reconstructions.png")
-    p.set_defaults(func=demo)
-    return parser
+
+    commands = parser.add_subcommands(dest="command", required=True)
+    for name, (sub, help_text) in subcommands.items():
+        commands.add_subcommand(name, sub, help=help_text)
+    return parser, {name: sub for name, (sub, _) in subcommands.items()}
+
+
+def build_parser() -> ArgumentParser:
+    """The ``flowattn`` command's parser (jsonargparse; raises instead of exiting)."""
+    return _build()[0]
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "sample": cmd_sample,
+    "reconstruct": cmd_reconstruct,
+    "certify": cmd_certify,
+    "attention": cmd_attention,
+    "demo": demo,
+}
+
+
+def _suggestion(flag: str, parser: ArgumentParser) -> str:
+    """``; did you mean --X?`` for the closest of ``parser``'s options, spelled as given."""
+    import difflib
+
+    names = list(parser.get_defaults().keys())
+    close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), names, n=1)
+    if not close:
+        return ""
+    name = close[0].replace("_", "-") if "-" in flag.lstrip("-") else close[0]
+    return f"; did you mean --{name}?"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parses a command line (0.1 spellings included); ``train --resume`` without a
+    config reads the run's own ``config.toml`` first, so flags given override it."""
+    from .runs import RunConfig
+
+    if argv and argv[0] == "train":
+        argv = configs.modern_argv(argv, RunConfig)
+    parser, subcommands = _build()
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentError as error:
+        message = configs.one_line(error, RunConfig.fields())
+        command = next((a for a in argv if a in subcommands), None)
+        prefix = "flowattn" if command is None else f"flowattn {command}"
+        unknown = message.partition("nrecognized arguments: ")[2].split(" ")[0]
+        if unknown and command is not None:
+            message = f"unknown option {unknown}{_suggestion(unknown, subcommands[command])}"
+        raise configs.ConfigError(f"{prefix}: error: {message}") from None
+    train = args.get("train")
+    if args.command == "train" and train.resume and not train.config:
+        if train.run_dir is None:
+            raise UsageError("--resume needs the --run-dir of the run to continue")
+        saved = Path(train.run_dir) / "config.toml"
+        if not saved.is_file():
+            raise UsageError(f"--resume: no run at {train.run_dir} (no config.toml)")
+        return _parse(["train", "--config", str(saved), *argv[1:]])
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,28 +546,19 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .runlock import RunLockedError
 
-    parser = build_parser()
-    try:
-        args, unknown = parser.parse_known_args(argv)
-    except SystemExit as stop:  # --help, or a bad flag (already printed as one line)
-        return stop.code if isinstance(stop.code, int) else 2
-    if unknown:
-        import difflib
-
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        options = [o for a in sub._actions for o in a.option_strings]
-        flag = unknown[0].split("=")[0]
-        close = difflib.get_close_matches(flag, options, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        print(f"flowattn {args.command}: error: unknown option {flag}{hint}", file=sys.stderr)
-        return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
     # validated user errors only: anything else is a bug and keeps its traceback
     user_errors = (ConfigError, CheckpointError, DataError, RunLockedError, FileNotFoundError)
     try:
-        return args.func(args)
+        args = _parse(argv)
+        return COMMANDS[args.command](args[args.command])
+    except SystemExit as stop:  # --help, --print_config
+        return stop.code if isinstance(stop.code, int) else 0
     except (*user_errors, PermissionError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"flowattn: error: {message}", file=sys.stderr)
+        if not message.startswith("flowattn"):
+            message = f"flowattn: error: {message}"
+        print(message, file=sys.stderr)
         return 2
 
 

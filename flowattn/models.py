@@ -52,11 +52,11 @@ import dataclasses
 import difflib
 import math
 import time
-import tomllib
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from nflows.distributions import Distribution, StandardNormal
@@ -91,7 +91,8 @@ from .transforms.glow import glow_step
 from .transforms.preprocess import LogitTransform, UniformDequantization
 from .transforms.residual import ResidualTransform
 
-PRESETS = ("iresnet", "iresnet-attn", "resflow", "glow", "glow-attn")
+Preset = Literal["iresnet", "iresnet-attn", "resflow", "glow", "glow-attn"]
+PRESETS: tuple[str, ...] = typing.get_args(Preset)
 SIZES = {
     "tiny": {"scales": 2, "blocks": 2, "hidden": 16},
     "small": {"scales": 3, "blocks": 4, "hidden": 64},
@@ -182,14 +183,9 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
         """Reads a TOML file: its ``[model]`` table, or its top level if it has none."""
-        path = Path(path)
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such config file: {path}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        from .configs import read_file
+
+        data = read_file(path)
         values = data.get("model", data)
         return cls.from_dict({**values, **overrides})
 

@@ -28,7 +28,7 @@ def check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
         >>> check_names(["stepz"], ["steps", "lr"], "config key")
         Traceback (most recent call last):
         ...
-        ValueError: unknown config key 'stepz'; did you mean 'steps'?
+        flowattn.errors.ConfigError: unknown config key 'stepz'; did you mean 'steps'?
     """
     for name in names:
         if name not in valid:

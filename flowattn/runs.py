@@ -20,15 +20,14 @@ import shutil
 import signal
 import threading
 import time
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 
+from . import configs
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -39,8 +38,7 @@ from .checkpoint import (
 from .data import load_dataset, stack_images
 from .errors import ConfigError
 from .metrics import BitsPerDim, reconstruction_error
-from .models import DensityModel, ModelConfig, build_model
-from .names import check_names
+from .models import DensityModel, ModelConfig, Preset, build_model
 from .runlock import RunLock, RunLockedError
 from .training import EMA, Every, Hook, NonFiniteLossError, Trainer, _BatchLoss
 
@@ -74,7 +72,7 @@ class RunConfig:
         run_dir: Where the run writes (default ``runs/<preset>-<dataset>-<date-time>``).
     """
 
-    preset: str = "iresnet-attn"
+    preset: Preset = "iresnet-attn"
     dataset: str = "digits"
     data_root: str | None = None
     image_size: int | None = None
@@ -103,40 +101,30 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Builds a config; an unknown key raises a ConfigError naming the closest."""
-        check_names(values, cls.fields(), "config key")
-        config = cls(**values)
+        """Builds a config, type-checked as the command line is; an unknown key raises a
+        ConfigError naming the closest."""
+        config = configs.parse_values(cls, values)
         config.check()
         return config
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> RunConfig:
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no such config file: {path}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        """The config of a TOML file (its ``[[resumed]]`` changes applied), with
+        ``overrides`` on top (``model`` overrides merge into its ``[model]`` table)."""
+        data = configs.read_file(path)
         if not isinstance(data.get("model", {}), dict):
             raise ConfigError(f"config key 'model' must be a table, got {data['model']!r}")
-        model = dict(data.pop("model", {}))
-        for entry in data.pop("resumed", []):  # what each resume changed, in order
-            changes = dict(entry.get("changes", {}))
-            model.update(changes.pop("model", {}))
-            data.update(changes)
-        model.update(overrides.pop("model", {}))
+        model = {**data.pop("model", {}), **overrides.pop("model", {})}
         return cls.from_dict({**data, **overrides, "model": model})
 
     def check(self) -> None:
         """Checks the type and range of every key; a ConfigError names the key."""
-        hints = typing.get_type_hints(RunConfig)
+        checked = configs.parse_values(type(self), dataclasses.asdict(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not _matches(value, hints[f.name]):
-                raise ConfigError(
-                    f"config key {f.name!r} must be {_describe(hints[f.name])}, got {value!r}"
-                )
+            mine, typed = getattr(self, f.name), getattr(checked, f.name)
+            widened = isinstance(mine, int) and not isinstance(mine, bool) and "float" in f.type
+            if type(mine) is not type(typed) and not widened:
+                raise ConfigError(f"config key {f.name!r} must be of type {f.type}, got {mine!r}")
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "max_bad_steps")
         for name in (*positive, "samples"):
             if getattr(self, name) < 1:
@@ -172,56 +160,7 @@ class RunConfig:
 
     def to_toml(self) -> str:
         """The config as TOML (None values are left out)."""
-        lines, model = [], {}
-        for key, value in dataclasses.asdict(self).items():
-            if key == "model":
-                model = value
-            elif value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("\n[model]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in model.items() if v is not None]
-        return "\n".join(lines) + "\n"
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a config value has the annotated type (ints count as floats, bools as
-    neither)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(hint) is dict or hint is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    if hint is type(None):
-        return "unset"
-    if typing.get_origin(hint) is dict or hint is dict:
-        return "a table"
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+        return configs.to_toml(self)
 
 
 @dataclass
@@ -356,10 +295,17 @@ def _resume_history(config: RunConfig, saved: dict[str, Any], step: int) -> str:
         return ""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     table = {k: v for k, v in changes.items() if v is not None}
-    return (
-        f"\n[[resumed]]\nstep = {step}\ntime = {_toml_value(stamp)}\n"
-        f"changes = {_toml_value(table)}\n"
-    )
+    # a [[resumed]] table appended after the [model] table; `changes` inline (tomli_w would
+    # write it as a [resumed.changes] section, or the whole array inline under [model])
+    head = tomli_w.dumps({"step": step, "time": stamp})
+    return f"\n[[resumed]]\n{head}changes = {_inline_toml(table)}\n"
+
+
+def _inline_toml(value: Any) -> str:
+    """A value as inline TOML (tables as ``{ k = v }``), scalars written by tomli_w."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_inline_toml(v)}" for k, v in value.items()) + " }"
+    return tomli_w.dumps({"v": value}).partition("=")[2].strip()
 
 
 def unwritable_reason(directory: Path) -> str | None:

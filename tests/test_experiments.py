@@ -1,6 +1,5 @@
 """The experiment scripts: variants, configs, and end-to-end runs on tiny budgets."""
 
-import argparse
 import csv
 import math
 import sys
@@ -134,7 +133,7 @@ def test_density_experiment_end_to_end(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_configs_parse_and_name_valid_models(path):
     script = density if path.parent.name == "density" else invertibility
-    config = common.config_from_args(script.Config, argparse.Namespace(config=str(path)))
+    config = common.read_config(script.Config, path)
     if script is density:
         for spec in config.models:
             density.model_config(spec, config, (3, 32, 32))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flowattn.checkpoint import load_checkpoint
+from flowattn.errors import ConfigError
 from flowattn.runs import RunConfig, load_run_model, run_training
 from flowattn.training import NonFiniteLossError, Trainer
 
@@ -118,7 +119,7 @@ def test_config_keys_are_checked(tmp_path):
         RunConfig.from_dict({"batch_sise": 3})
     with pytest.raises(ValueError, match="did you mean 'hidden'"):
         RunConfig.from_dict({"model": {"hiden": 3}})
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="'preset': must be one of iresnet"):
         RunConfig.from_dict({"preset": "nope"})
     path = tmp_path / "c.toml"
     path.write_text('steps = 5\n[model]\nattention = "l2"\n')

@@ -1,0 +1,184 @@
+"""Typed configs as dataclasses: flags, TOML files and help text from jsonargparse.
+
+A config is a dataclass whose fields are typed (``Literal`` for enum-like options) and
+documented in an ``Attributes:`` section. :func:`config_parser` turns it into a command
+line: ``--config FILE.toml`` (flags after it override the file) and one flag per field
+(``--batch_size 64``; dict fields also per key, ``--model.hidden 32``), with the field's
+docstring, type and default as help. :func:`parse_values` checks a dict of values
+(from Python or a file) against the same types, so a config is validated the same way
+wherever it comes from. Type errors are :class:`~flowattn.errors.ConfigError`\\ s that
+name the key.
+
+The 0.1 spellings still parse (:func:`modern_argv`): dashed flags (``--batch-size``),
+``--model KEY=VALUE`` and comma-separated lists (``--models a,b``).
+
+jsonargparse is used rather than tyro because it is built on argparse: its errors are
+exceptions that the ``flowattn`` command prints as one line (tyro prints boxed
+multi-line messages itself), and the same parser validates configs that do not come
+from a command line (``parse_object``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["config_parser", "load_toml", "modern_argv", "one_line", "parse_values", "to_toml"]
+
+import dataclasses
+import json
+import re
+import tomllib
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+import tomli_w
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from .errors import ConfigError
+
+
+def load_toml(text: str) -> dict[str, Any]:
+    """The values of a TOML config, with the changes of its ``[[resumed]]`` tables (what
+    each resume of a run changed) applied in order."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"not valid TOML: {error}") from None
+    resumed = data.pop("resumed", [])
+    for entry in resumed:
+        for key, value in entry.get("changes", {}).items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                value = {**data[key], **value}  # a changed table changes only its keys
+            data[key] = value
+    return data
+
+
+def _load_document_or_value(text: str) -> Any:
+    """jsonargparse's loader in ``parser_mode="toml"``: it reads ``--config`` files and
+    also every flag value that is not a plain string. A TOML document (several lines, or
+    ``key = value``) is read with :func:`load_toml`; a one-line value (``16``,
+    ``["a", "b"]``, ``{hidden: 16}``) as YAML, jsonargparse's own syntax for values."""
+    import yaml
+
+    if "\n" in text.strip() or re.match(r"\s*[\w.\"'-]+\s*=", text):
+        return load_toml(text)
+    return yaml.safe_load(text)
+
+
+def _dump(data: dict[str, Any]) -> str:
+    """jsonargparse's TOML dumper (``--print_config``): unset (None) values left out."""
+
+    def drop_none(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        return value
+
+    return tomli_w.dumps(drop_none(data))
+
+
+# parser_mode="toml" reads --config files and prints configs as TOML (registered on import)
+jsonargparse.set_loader("toml", _load_document_or_value, exceptions=(ConfigError,))
+jsonargparse.set_dumper("toml", _dump)
+
+
+def to_toml(config: Any) -> str:
+    """A dataclass config as TOML: scalar keys first, dict fields as tables; None values
+    (unset) are left out."""
+    values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+    scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
+    tables = {k: {a: b for a, b in v.items() if b is not None} for k, v in values.items()
+              if isinstance(v, dict)}  # fmt: skip
+    return tomli_w.dumps({**scalars, **tables})
+
+
+def config_parser(cls: type, **options: Any) -> ArgumentParser:
+    """An argument parser for the dataclass ``cls``: ``--config FILE.toml`` and one flag
+    per field. ``options`` go to jsonargparse's ``ArgumentParser`` (``prog``,
+    ``description``...). It raises ``argparse.ArgumentError`` instead of exiting."""
+    parser = ArgumentParser(exit_on_error=False, parser_mode="toml", **options)
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="a TOML file of the settings below (flags after it override it)",
+    )
+    parser.add_class_arguments(cls, nested_key=None, as_group=False)
+    return parser
+
+
+def parse_values(cls: type, values: dict[str, Any], parser: ArgumentParser | None = None):
+    """An instance of the dataclass ``cls`` from ``values``, type-checked as the command
+    line is (unknown keys and wrong types raise a ConfigError naming the key)."""
+    from .names import check_names
+
+    fields = [f.name for f in dataclasses.fields(cls)]
+    check_names(values, fields, "config key")
+    parser = config_parser(cls) if parser is None else parser
+    try:
+        namespace = parser.parse_object(values, defaults=True)
+    except jsonargparse.ArgumentError as error:
+        raise ConfigError(one_line(error)) from None
+    return cls(**{name: namespace[name] for name in fields})
+
+
+def one_line(error: BaseException, valid: Sequence[str] = ()) -> str:
+    """A parser error as one plain line (jsonargparse spreads type errors over several
+    and names types as Python does); an unknown key of a config file gets the closest of
+    ``valid`` as a suggestion."""
+    from .names import check_names
+
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    unknown = re.search(r"Option '([^']+)' is not accepted", text)
+    if unknown and valid:
+        try:
+            check_names([unknown[1]], valid, "config key")
+        except ConfigError as suggestion:
+            return str(suggestion)
+    text = re.sub(r'Parser key "([^"]+)":', r"config key '\1':", text)
+    text = re.sub(
+        r"Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)",
+        lambda m: f"must be one of {m[1].replace(chr(39), '')}, got {m[2]!r}",
+        text,
+    )
+    return re.sub(r"Expected a <class '(\w+)'>\. Got value: (.*)", r"must be a \1, got '\2'", text)
+
+
+def modern_argv(argv: list[str], cls: type) -> list[str]:
+    """``argv`` with the 0.1 spellings of ``cls``'s flags rewritten: ``--batch-size`` to
+    ``--batch_size``, ``--model KEY=VALUE`` to ``--model.KEY VALUE``, and a comma-separated
+    value of a list field to a list."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("--") or arg == "--":
+            out.append(arg)
+            continue
+        flag, equals, inline = arg.partition("=")
+        name = flag[2:].replace("-", "_")
+        if name not in hints:
+            out.append(arg)
+            continue
+        value = inline if equals else next(args, None)
+        origin = typing.get_origin(hints[name])
+        if origin is dict and value is not None and "=" in value and not value.startswith("{"):
+            key, _, item = value.partition("=")
+            out += [f"--{name}.{key.strip()}", item.strip()]
+        elif origin is list and value is not None and not value.startswith("["):
+            out += [f"--{name}", json.dumps([v.strip() for v in value.split(",")])]
+        else:
+            out += [f"--{name}"] + ([] if value is None else [value])
+    return out
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """The values of a TOML config file (see :func:`load_toml`)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such config file: {path}") from None
+    try:
+        return load_toml(text)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -1,0 +1,80 @@
+"""The config layer: dataclass configs from flags, TOML files and Python dicts."""
+
+import dataclasses
+from typing import Any, Literal
+
+import pytest
+
+from flowattn.configs import config_parser, load_toml, modern_argv, parse_values, to_toml
+from flowattn.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Settings:
+    """Settings of a test.
+
+    Attributes:
+        kind: The kind.
+        steps: Steps to take.
+        rate: A rate.
+        names: Some names.
+        table: Options.
+        where: A place, or unset.
+    """
+
+    kind: Literal["a", "b"] = "a"
+    steps: int = 3
+    rate: float = 0.5
+    names: list[str] = dataclasses.field(default_factory=lambda: ["x"])
+    table: dict[str, Any] = dataclasses.field(default_factory=dict)
+    where: str | None = None
+
+
+def _parse(argv):
+    parser = config_parser(Settings)
+    args = parser.parse_args(modern_argv(argv, Settings))
+    return parse_values(Settings, {f.name: args[f.name] for f in dataclasses.fields(Settings)})
+
+
+def test_flags_files_and_overrides(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text('kind = "b"\nsteps = 7\nnames = ["p", "q:r"]\n[table]\nhidden = 4\n')
+    assert _parse(["--config", str(path), "--steps", "9", "--table.depth", "2"]) == Settings(
+        kind="b", steps=9, names=["p", "q:r"], table={"hidden": 4, "depth": 2}
+    )
+    # the 0.1 spellings
+    assert _parse(["--names", "u,v:w", "--table", "hidden=8", "--rate=2"]) == Settings(
+        names=["u", "v:w"], table={"hidden": 8}, rate=2.0
+    )
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"kind": "c"}, "'kind': must be one of a, b, got 'c'"),
+        ({"steps": "many"}, "'steps': must be a int"),
+        ({"stepz": 3}, "did you mean 'steps'"),
+        ({"table": 3}, "'table'"),
+    ],
+)
+def test_bad_values_are_config_errors_naming_the_key(values, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_values(Settings, values)
+
+
+def test_toml_round_trip_and_resumed_history():
+    settings = Settings(kind="b", table={"hidden": 4}, names=["p"])
+    text = to_toml(settings)
+    assert "where" not in text  # unset values are left out
+    assert parse_values(Settings, load_toml(text)) == settings
+    history = "\n[[resumed]]\nstep = 3\nchanges = { steps = 9, table = { depth = 1 } }\n"
+    assert load_toml(text + history) == {
+        "kind": "b", "steps": 9, "rate": 0.5, "names": ["p"], "table": {"hidden": 4, "depth": 1},
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml("steps = = 3")
+
+
+def test_help_shows_the_docstrings():
+    text = config_parser(Settings).format_help()
+    assert "Steps to take." in text and "--kind {a,b}" in text
