@@ -135,10 +135,10 @@ def build(spec: str, image_shape: tuple[int, ...], config: Config, device: torch
     return build_model(model_config(spec, config, image_shape)).to(device)
 
 
-def bits_per_dim(model, x: torch.Tensor, seed: int, **options) -> BitsPerDim | None:
-    """The test bpd (default estimator: exact or unbiased, see the module docstring), or
-    None where the model's log-density is not finite (a diverged model, or a step that
-    is not invertible)."""
+def figure_or_none(model, x: torch.Tensor, seed: int, **options) -> BitsPerDim | None:
+    """``model.bits_per_dim`` (the one evaluation; default estimator exact or unbiased,
+    see the module docstring), or None where the model's log-density is not finite (a
+    diverged model, or a step that is not invertible)."""
     try:
         return model.bits_per_dim(x, batch_size=128, seed=seed, **options)
     except NonFiniteDensityError as error:
@@ -157,7 +157,7 @@ class Curve:
     def __call__(self, trainer: Trainer) -> None:
         torch.manual_seed(self.seed)
         with trainer.evaluation_weights():
-            bpd = bits_per_dim(trainer.model, self.x_eval, self.seed)
+            bpd = figure_or_none(trainer.model, self.x_eval, self.seed)
         mean, stderr = (math.nan, math.nan) if bpd is None else (bpd.mean, bpd.stderr)
         self.points.append({"step": trainer.step, "train_s": trainer.result.seconds,
                             "test_bpd": mean, "test_se": stderr})  # fmt: skip
@@ -209,7 +209,7 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
     values = None
     with trainer.evaluation_weights():
         torch.manual_seed(config.seed + 1)
-        bpd = bits_per_dim(model, x_test, config.seed)
+        bpd = figure_or_none(model, x_test, config.seed)
         if bpd is None:
             notes.append("test log-density not finite")
             row.update(test_bpd=math.nan, test_se=math.nan, estimator="non-finite")
@@ -221,8 +221,8 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
         if model.config.residual and model.config.estimator == "series" and bpd is not None:
             # what the training estimator itself would report: biased, with its bound
             torch.manual_seed(config.seed + 1)
-            claim = bits_per_dim(model, x_test, config.seed, estimator="series",
-                                 n_terms=model.config.n_terms)  # fmt: skip
+            claim = figure_or_none(model, x_test, config.seed, estimator="series",
+                                   n_terms=model.config.n_terms)  # fmt: skip
             if claim is not None:
                 row.update(series_claim=claim.mean, series_bias_bound=claim.bias_bound)
         torch.manual_seed(config.seed + 2)

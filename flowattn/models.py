@@ -566,37 +566,13 @@ class DensityModel(Flow):
         if name == "exact" or isinstance(name, ExactLogDet):
             batch_size = min(batch_size, max(1, 2**26 // self.num_dims**2))
         start_time = time.perf_counter()
-        values = torch.empty(x.shape[0], repeats, dtype=torch.float64)
-        chunks = range(0, x.shape[0], NOISE_CHUNK)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=x.shape[0] * repeats, desc="bits/dim", unit="image")
         with (
             self.evaluating(),
             self.using_estimator(name, **estimator_options),
             torch.no_grad(),
         ):
             description = self.estimator_description()
-            for r in range(repeats):
-                for chunk in chunks:
-                    xc = x[chunk : chunk + NOISE_CHUNK]
-                    generator = torch.Generator().manual_seed(
-                        hash((seed, r, chunk // NOISE_CHUNK)) % 2**63
-                    )
-                    noise = torch.rand(xc.shape, generator=generator)
-                    for start in range(0, xc.shape[0], batch_size):
-                        xb = xc[start : start + batch_size]
-                        nb = noise[start : start + batch_size]
-                        y, logdet = self.dequantize.with_noise(xb, nb.to(self.device))
-                        log_prob = self.log_prob(y) + logdet
-                        bpd = bits_per_dim(log_prob, self.num_dims).cpu()
-                        values[chunk + start : chunk + start + len(xb), r] = bpd
-                        if bar is not None:
-                            bar.update(len(xb))
-        if bar is not None:
-            bar.close()
+            values = self._per_image_bits_per_dim(x, repeats, batch_size, seed, progress)
         result = summarize_bits_per_dim(
             values,
             description,
@@ -604,6 +580,37 @@ class DensityModel(Flow):
             error_bar_certified=error_bar_certified,
         )
         return dataclasses.replace(result, seconds=time.perf_counter() - start_time)
+
+    def _per_image_bits_per_dim(
+        self, x: Tensor, repeats: int, batch_size: int, seed: int, progress: bool
+    ) -> Tensor:
+        """Bits/dim (N, repeats) of every image and draw, with the current estimator;
+        image i's noise comes from the generator of its chunk of :data:`NOISE_CHUNK`."""
+        values = torch.empty(x.shape[0], repeats, dtype=torch.float64)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=x.shape[0] * repeats, desc="bits/dim", unit="image")
+        for r in range(repeats):
+            for chunk in range(0, x.shape[0], NOISE_CHUNK):
+                xc = x[chunk : chunk + NOISE_CHUNK]
+                generator = torch.Generator().manual_seed(
+                    hash((seed, r, chunk // NOISE_CHUNK)) % 2**63
+                )
+                noise = torch.rand(xc.shape, generator=generator)
+                for start in range(0, xc.shape[0], batch_size):
+                    xb = xc[start : start + batch_size]
+                    nb = noise[start : start + batch_size]
+                    y, logdet = self.dequantize.with_noise(xb, nb.to(self.device))
+                    log_prob = self.log_prob(y) + logdet
+                    bpd = bits_per_dim(log_prob, self.num_dims).cpu()
+                    values[chunk + start : chunk + start + len(xb), r] = bpd
+                    if bar is not None:
+                        bar.update(len(xb))
+        if bar is not None:
+            bar.close()
+        return values
 
     def _estimator_guarantees(
         self, estimator: str | LogDetEstimator, options: dict[str, Any]

@@ -40,7 +40,7 @@ from .errors import ConfigError
 from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, Preset, build_model
 from .runlock import RunLock, RunLockedError
-from .training import EMA, Every, Hook, NonFiniteLossError, Trainer, _BatchLoss
+from .training import EMA, BatchLoss, Every, Hook, NonFiniteLossError, Trainer
 
 
 @dataclass
@@ -271,7 +271,7 @@ def state_is_finite(trainer: Trainer, batch: torch.Tensor) -> str | None:
             if not torch.isfinite(t).all():
                 return f"EMA weight {name} is not finite"
     model = trainer.model
-    held_loss = _BatchLoss(model)  # not the DDP wrapper: this runs on rank 0 alone
+    held_loss = BatchLoss(model)  # not the DDP wrapper: this runs on rank 0 alone
     with torch.no_grad(), model.evaluating():
         loss = float(held_loss(batch))
         if not math.isfinite(loss):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "EMA",
+    "BatchLoss",
     "BatchOrder",
     "Every",
     "Hook",
@@ -182,7 +183,7 @@ def _averaged_state(old: dict[str, Any], averaged: nn.Module) -> dict[str, Any]:
     return state
 
 
-class _BatchLoss(nn.Module):
+class BatchLoss(nn.Module):
     """Mean bits-per-dim of a uint8 batch (the module DDP wraps)."""
 
     def __init__(self, model: DensityModel):
@@ -430,7 +431,7 @@ class Trainer:
         self.stopping = False
         self.result = TrainResult()
         self.last_grad_norm = math.nan
-        self.loss_module: nn.Module = _BatchLoss(model)
+        self.loss_module: nn.Module = BatchLoss(model)
         if self.distributed:
             self._wrap_distributed()
 

@@ -187,7 +187,7 @@ def test_density_reports_non_finite_models_as_such():
 
             return summarize_bits_per_dim(torch.tensor([[float("inf")]]), "series")
 
-    assert density.bits_per_dim(Diverged(), torch.zeros(1), seed=0) is None
+    assert density.figure_or_none(Diverged(), torch.zeros(1), seed=0) is None
     assert density._bpd(math.nan, math.nan) == "non-finite"
 
 
