@@ -6,7 +6,7 @@ import torch
 from flowattn.checkpoint import load_checkpoint
 from flowattn.errors import ConfigError
 from flowattn.runs import RunConfig, load_run_model, run_training
-from flowattn.training import NonFiniteLossError, Trainer
+from flowattn.training import EMA, NonFiniteLossError, Trainer
 
 FAST = {
     "preset": "iresnet-attn",
@@ -45,6 +45,15 @@ def test_run_writes_everything_and_reports(tmp_path):
     assert saved == config
     with pytest.raises(ValueError, match="--resume"):
         run_training(config, progress=False, log=_quiet)
+    # the EMA weights: what load_run_model gives by default, and not the raw weights
+    averaged = EMA.parameters_in(load_checkpoint(run)["trainer"]["ema"])
+    model, _ = load_run_model(run)
+    raw, _ = load_run_model(run, ema=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), averaged[name])
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.parameters(), raw.parameters(), strict=True)
+    )
 
 
 class _Killed(Exception):
