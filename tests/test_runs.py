@@ -1,9 +1,10 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from flowattn.checkpoint import load_checkpoint
+from flowattn.checkpoint import load_checkpoint, save_checkpoint
 from flowattn.errors import ConfigError
 from flowattn.runs import RunConfig, load_run_model, run_training
 from flowattn.training import EMA, NonFiniteLossError, Trainer
@@ -60,7 +61,21 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
+def _as_written_by_0_1(checkpoint: Path) -> None:
+    """Rewrites a checkpoint's trainer state in the 0.1 layout: the batch order's fields
+    at the top level, the EMA as a shadow dict with an update count."""
+    state = load_checkpoint(checkpoint)
+    trainer = state["trainer"]
+    trainer.update(trainer.pop("batches"))
+    ema = trainer["ema"]
+    shadow = EMA.parameters_in(ema)
+    updates = int(ema["averaged"]["n_averaged"]) - 1
+    trainer["ema"] = {"decay": ema["decay"], "updates": updates, "shadow": shadow}
+    save_checkpoint(state, checkpoint / "checkpoint.pt", keep_previous=False)
+
+
+@pytest.mark.parametrize("layout", ["current", "0.1"])
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch, layout):
     settings = {"steps": 8, "eval_every": 3, "checkpoint_every": 3}
     run_training(_config(tmp_path, "straight", **settings), progress=False, log=_quiet)
 
@@ -77,6 +92,8 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch)
         run_training(killed, progress=False, log=_quiet)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "killed")["trainer"]["step"] == 6
+    if layout == "0.1":
+        _as_written_by_0_1(tmp_path / "killed")
     run_training(killed, resume=True, progress=False, log=_quiet)
     for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "killed"), strict=True):
         assert torch.equal(a, b)
