@@ -1,0 +1,131 @@
+"""How the training step of ``iresnet-attn`` grows with the image size, per attention kind.
+
+For each image side S (default 16, 32, 64: CelebA-64 sized at the top) and each attention
+kind (``external`` and the paper's four kinds, certified), a model ``iresnet-attn`` on
+3 x S x S images (2 scales x 2 blocks, 16 hidden channels, the attention step at the end
+of the first scale, on N = (S/2)^2 tokens of 12 channels) and the same model without
+attention (``iresnet``) take training steps (forward, backward, Adam; the default
+roulette estimator) on random 8-bit batches. Printed per size and kind: the median step
+time, the attention's share of the step (1 - t(iresnet) / t(kind)), the growth exponent
+of the step time in N against the previous size, and the peak memory of one step (the
+resident-set rise, each in a fresh process).
+
+A kind whose step exceeds ``--budget`` seconds is not run at larger sizes (printed as
+"over budget"): that is where it stops being practical on this machine.
+
+Usage:
+    python experiments/bench/scale.py
+    python experiments/bench/scale.py --sizes 16 32 64 --kinds external dot --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from measure import peak_rss_rise_mib, return_freed_memory_to_the_os
+
+from flowattn.models import build_model
+from flowattn.training import Trainer
+
+KINDS = ("external", "gaussian", "embedded_gaussian", "dot", "concat")
+
+
+def build(kind: str, size: int, hidden: int):
+    torch.manual_seed(0)
+    options = {"scales": 2, "blocks": 2, "hidden": hidden}
+    if kind == "none":
+        return build_model("iresnet", image_shape=(3, size, size), **options)
+    return build_model("iresnet-attn", image_shape=(3, size, size), attention=kind, **options)
+
+
+def trainer_for(kind: str, size: int, args) -> Trainer:
+    images = torch.randint(0, 256, (4 * args.batch, 3, size, size), dtype=torch.uint8)
+    model = build(kind, size, args.hidden)
+    return Trainer(model, images, batch_size=args.batch, lr=1e-3, warmup=1)
+
+
+def step_seconds(trainer: Trainer) -> float:
+    start = time.perf_counter()
+    trainer.train_step()
+    return time.perf_counter() - start
+
+
+def memory_of(kind: str, size: int, args) -> float:
+    """Peak resident-set rise (MiB) of one step, in a fresh process."""
+    command = [sys.executable, __file__, "--memory-of", kind, str(size)]
+    command += ["--batch", str(args.batch), "--hidden", str(args.hidden)]
+    command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=30.0, help="seconds per step")
+    parser.add_argument("--memory-of", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        kind, size = args.memory_of[0], int(args.memory_of[1])
+        return_freed_memory_to_the_os()
+        trainer = trainer_for(kind, size, args)
+        trainer.train_step()  # warm-up (ActNorm initialisation, allocator)
+        print(peak_rss_rise_mib(trainer.train_step))
+        return
+
+    print(
+        f"iresnet-attn step vs image size: batch {args.batch}, 2 scales x 2 blocks, "
+        f"{args.hidden} hidden channels, roulette, {args.threads} thread(s), median of "
+        f"{args.reps} steps after one warm-up; torch {torch.__version__}"
+    )
+    header = f"{'size':>5} {'N':>5} {'kind':<18} {'s/step':>8} {'attention share':>16} "
+    print(header + f"{'growth in N':>12} {'peak MiB':>9}")
+    over: set[str] = set()
+    previous: dict[str, tuple[int, float]] = {}
+    for size in args.sizes:
+        n = (size // 2) ** 2
+        base = None
+        for kind in ("none", *args.kinds):
+            name = "none (iresnet)" if kind == "none" else kind
+            if kind in over:
+                print(f"{size:>5} {n:>5} {name:<18} {'over budget at a smaller size':>46}")
+                continue
+            trainer = trainer_for(kind, size, args)
+            first = step_seconds(trainer)
+            if first > args.budget:
+                over.add(kind)
+                times = [first]
+            else:
+                times = [step_seconds(trainer) for _ in range(args.reps)]
+            seconds = statistics.median(times)
+            if kind == "none":
+                base = seconds
+            share = "" if kind == "none" or base is None else f"{1 - base / seconds:.0%}"
+            growth = ""
+            if kind in previous:
+                n0, t0 = previous[kind]
+                growth = f"N^{math.log(seconds / t0) / math.log(n / n0):.2f}"
+            previous[kind] = (n, seconds)
+            memory = f"{memory_of(kind, size, args):.0f}" if kind not in over else "-"
+            note = f"  (one step: over the {args.budget:g} s budget)" if kind in over else ""
+            print(
+                f"{size:>5} {n:>5} {name:<18} {seconds:>8.3f} {share:>16} {growth:>12} "
+                f"{memory:>9}{note}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
