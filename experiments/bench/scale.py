@@ -4,8 +4,10 @@ For each image side S (default 16, 32, 64: CelebA-64 sized at the top) and each 
 kind (``external`` and the paper's four kinds, certified), a model ``iresnet-attn`` on
 3 x S x S images (2 scales x 2 blocks, 16 hidden channels, the attention step at the end
 of the first scale, on N = (S/2)^2 tokens of 12 channels) and the same model without
-attention (``iresnet``) take training steps (forward, backward, Adam; the default
-roulette estimator) on random 8-bit batches. Printed per size and kind: the median step
+attention (``iresnet``) take training steps (forward, backward, Adam) on random 8-bit
+batches. The log-det is the 5-term series by default (``--estimator``): every step then
+does the same work, where the roulette's random number of terms would make the step
+times of one model vary more than the kinds differ. Printed per size and kind: the median step
 time, the attention's share of the step (1 - t(iresnet) / t(kind)), the growth exponent
 of the step time in N against the previous size, and the peak memory of one step (the
 resident-set rise, each in a fresh process).
@@ -36,9 +38,9 @@ from flowattn.training import Trainer
 KINDS = ("external", "gaussian", "embedded_gaussian", "dot", "concat")
 
 
-def build(kind: str, size: int, hidden: int):
+def build(kind: str, size: int, hidden: int, estimator: str):
     torch.manual_seed(0)
-    options = {"scales": 2, "blocks": 2, "hidden": hidden}
+    options = {"scales": 2, "blocks": 2, "hidden": hidden, "estimator": estimator}
     if kind == "none":
         return build_model("iresnet", image_shape=(3, size, size), **options)
     return build_model("iresnet-attn", image_shape=(3, size, size), attention=kind, **options)
@@ -46,7 +48,7 @@ def build(kind: str, size: int, hidden: int):
 
 def trainer_for(kind: str, size: int, args) -> Trainer:
     images = torch.randint(0, 256, (4 * args.batch, 3, size, size), dtype=torch.uint8)
-    model = build(kind, size, args.hidden)
+    model = build(kind, size, args.hidden, args.estimator)
     return Trainer(model, images, batch_size=args.batch, lr=1e-3, warmup=1)
 
 
@@ -60,7 +62,7 @@ def memory_of(kind: str, size: int, args) -> float:
     """Peak resident-set rise (MiB) of one step, in a fresh process."""
     command = [sys.executable, __file__, "--memory-of", kind, str(size)]
     command += ["--batch", str(args.batch), "--hidden", str(args.hidden)]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--estimator", args.estimator]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--estimator", default="series", choices=["series", "roulette"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per step")
     parser.add_argument("--memory-of", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
@@ -87,8 +90,8 @@ def main() -> None:
 
     print(
         f"iresnet-attn step vs image size: batch {args.batch}, 2 scales x 2 blocks, "
-        f"{args.hidden} hidden channels, roulette, {args.threads} thread(s), median of "
-        f"{args.reps} steps after one warm-up; torch {torch.__version__}"
+        f"{args.hidden} hidden channels, {args.estimator} log-det, {args.threads} thread(s), "
+        f"median of {args.reps} steps after one warm-up; torch {torch.__version__}"
     )
     header = f"{'size':>5} {'N':>5} {'kind':<18} {'s/step':>8} {'attention share':>16} "
     print(header + f"{'growth in N':>12} {'peak MiB':>9}")
