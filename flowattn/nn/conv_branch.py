@@ -148,8 +148,15 @@ class ConvResidualBranch(nn.Module):
             )
         spatial = (x.shape[-2], x.shape[-1])
         h = x
-        for act, conv, weight in zip(self.acts, self.convs, self._weights(spatial), strict=True):
-            h = F.conv2d(act(h), weight, conv.bias, padding=conv.padding)
+        layers = zip(self.acts, self.convs, self._weights(spatial), strict=True)
+        for i, (act, conv, weight) in enumerate(layers):
+            if i > 0 and isinstance(act, nn.ELU):
+                # in place on a convolution's output (not needed by its backward); ELU's
+                # backward reads its own result, so autograd allows it
+                h = F.elu(h, inplace=True)
+            else:
+                h = act(h)
+            h = F.conv2d(h, weight, conv.bias, padding=conv.padding)
         return h
 
     def _weights(self, spatial: tuple[int, int]) -> list[Tensor]:
