@@ -405,6 +405,16 @@ class DensityModel(Flow):
         finally:
             self.train(was_training)
 
+    @contextlib.contextmanager
+    def log_dets_skipped(self) -> Iterator[None]:
+        """Every residual step skips its log-det estimate within the block
+        (:meth:`~flowattn.transforms.residual.ResidualTransform.log_dets_skipped`):
+        :meth:`encode`, :meth:`decode` and :meth:`sample` discard the log-dets."""
+        with contextlib.ExitStack() as stack:
+            for _, step in self.residual_steps():
+                stack.enter_context(step.log_dets_skipped())
+            yield
+
     def residual_steps(self) -> Iterator[tuple[str, ResidualTransform]]:
         """The residual steps (convolutional and attention) with readable names such as
         ``scale0.step2 (ConvResidualBranch)``."""
@@ -642,7 +652,7 @@ class DensityModel(Flow):
         if x.dtype == torch.uint8:
             x, _ = UniformDequantization(noise=False)(self._check_images(x, uint8=True))
         x = self._check_images(x, uint8=False)
-        with self.evaluating(), torch.no_grad():
+        with self.evaluating(), torch.no_grad(), self.log_dets_skipped():
             z, _ = self._transform(x)
         return z.reshape(x.shape[0], -1)
 
@@ -650,7 +660,7 @@ class DensityModel(Flow):
         """Latents (B, D) -> images (B, C, H, W) in [0, 1] (unclamped)."""
         if z.dim() != 2 or z.shape[1] != self.num_dims:
             raise ValueError(f"expected latents (B, {self.num_dims}), got shape {tuple(z.shape)}")
-        with self.evaluating(), torch.no_grad():
+        with self.evaluating(), torch.no_grad(), self.log_dets_skipped():
             x, _ = self._transform.inverse(z.to(self.device))
         return x.reshape(z.shape[0], *self.image_shape)
 

@@ -88,13 +88,16 @@ class _Stall:
         return self.since >= STALL_PATIENCE and self.best <= self.floor
 
 
-def _check(fx: Tensor, x: Tensor, y: Tensor, atol: float, rtol: float) -> tuple[bool, float, float]:
+def _check(fx: Tensor, x: Tensor, allowed: Tensor) -> tuple[bool, float, float]:
+    """(converged, the reported gap, its tolerance) of an iterate: converged when every
+    element's gap |f(x) - x| is within its tolerance ``allowed``; the report is the
+    largest gap when converged, else the element furthest over its tolerance."""
     gap = (fx - x).abs()
-    allowed = atol + rtol * y.abs()
-    converged = bool((gap <= allowed).all())
-    # Report the largest gap when converged, else the element furthest over its tolerance.
-    worst = int(torch.argmax(gap if converged else gap - allowed))
-    return converged, float(gap.flatten()[worst]), float(allowed.flatten()[worst])
+    worst = int(torch.argmax(gap - allowed))
+    if float(gap.flatten()[worst]) > float(allowed.flatten()[worst]):
+        return False, float(gap.flatten()[worst]), float(allowed.flatten()[worst])
+    worst = int(torch.argmax(gap))
+    return True, float(gap.flatten()[worst]), float(allowed.flatten()[worst])
 
 
 @torch.no_grad()
@@ -149,21 +152,22 @@ def solve_fixed_point(
     def step(z: Tensor) -> Tensor:
         return y - fn(z)
 
+    allowed = atol + rtol * y.abs()  # each element's tolerance
     if solver == "banach":
-        return _banach(step, x, y, atol, rtol, max_iter)
-    return _anderson(step, x, y, atol, rtol, max_iter, memory, damping, regularization)
+        return _banach(step, x, y, allowed, max_iter)
+    return _anderson(step, x, y, allowed, max_iter, memory, damping, regularization)
 
 
-def _banach(step, x, y, atol, rtol, max_iter) -> FixedPointResult:
+def _banach(step, x, y, allowed, max_iter) -> FixedPointResult:
     best = None
     stall = _Stall(y)
     for it in range(1, max_iter + 1):
         fx = step(x)
-        converged, residual, tol = _check(fx, x, y, atol, rtol)
+        converged, residual, tol = _check(fx, x, allowed)
         if best is None or residual < best[1]:
             best = (x, residual, tol)
         if converged:
-            return _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter)
+            return _polish(step, x, fx, allowed, it, residual, tol, max_iter)
         if stall.stalled(residual):
             return FixedPointResult(best[0], it, best[1], stall.floor, True)
         x = fx
@@ -171,7 +175,7 @@ def _banach(step, x, y, atol, rtol, max_iter) -> FixedPointResult:
     return FixedPointResult(x, max_iter, residual, tol, False)
 
 
-def _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter) -> FixedPointResult:
+def _polish(step, x, fx, allowed, it, residual, tol, max_iter) -> FixedPointResult:
     """Plain steps after convergence while the residual still shrinks.
 
     Tolerances near machine precision cannot separate the last few units in the
@@ -180,7 +184,7 @@ def _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter) -> FixedPoi
     """
     while residual > 0 and it < max_iter:
         fx_next = step(fx)
-        _, new_residual, new_tol = _check(fx_next, fx, y, atol, rtol)
+        _, new_residual, new_tol = _check(fx_next, fx, allowed)
         it += 1
         if new_residual >= residual:
             break
@@ -188,45 +192,54 @@ def _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter) -> FixedPoi
     return FixedPointResult(x, it, residual, tol, True)
 
 
-def _anderson(step, x, y, atol, rtol, max_iter, m, beta, lam) -> FixedPointResult:
+def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
+    """Anderson acceleration with a history of m iterates. The Gram matrix of the
+    residual history is updated one row per iteration and kept in float64 (in float32
+    it loses the digits that matter near convergence); the rest stays in x's dtype."""
     b = x.shape[0]
-    flat = x.reshape(b, -1)
-    d = flat.shape[1]
-    xs = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)
-    fs = torch.zeros_like(xs)
+    d = x[0].numel()
+    fs = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)  # f(x_i)
+    gaps = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)  # f(x_i) - x_i
+    xs = torch.zeros_like(fs) if beta != 1.0 else None
+    gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
+    eye = torch.eye(m, dtype=torch.float64, device=x.device)
     best = None
     stall = _Stall(y)
     for it in range(1, max_iter + 1):
         fx = step(x)
-        converged, residual, tol = _check(fx, x, y, atol, rtol)
+        converged, residual, tol = _check(fx, x, allowed)
         if best is None or residual < best[1]:
             best = (x, residual, tol)
         if converged:
-            return _polish(step, x, fx, y, atol, rtol, it, residual, tol, max_iter)
+            return _polish(step, x, fx, allowed, it, residual, tol, max_iter)
         if stall.stalled(residual):
             return FixedPointResult(best[0], it, best[1], stall.floor, True)
-        slot = (it - 1) % m
-        xs[:, slot] = x.reshape(b, -1)
+        slot, n = (it - 1) % m, min(it, m)
         fs[:, slot] = fx.reshape(b, -1)
-        n = min(it, m)
+        torch.sub(fx.reshape(b, -1), x.reshape(b, -1), out=gaps[:, slot])
+        if xs is not None:
+            xs[:, slot] = x.reshape(b, -1)
+        row = (gaps[:, :n] @ gaps[:, slot, :, None]).double()[..., 0]  # (B, n)
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
         if n == 1:
             x = fx
             continue
         # Minimise ||sum_i alpha_i (f_i - x_i)|| subject to sum_i alpha_i = 1.
-        gaps = fs[:, :n] - xs[:, :n]  # (B, n, D)
-        gram = gaps @ gaps.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
-        gram = gram + lam * scale[:, None, None] * torch.eye(n, dtype=x.dtype, device=x.device)
-        ones = torch.ones(b, n, 1, dtype=x.dtype, device=x.device)
-        sol, info = torch.linalg.solve_ex(gram, ones)
+        h = gram[:, :n, :n]
+        scale = h.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)
+        h = h + lam * scale[:, None, None] * eye[:n, :n]
+        ones = torch.ones(b, n, 1, dtype=torch.float64, device=x.device)
+        sol, info = torch.linalg.solve_ex(h, ones)
         alpha = sol / sol.sum(dim=1, keepdim=True)  # (B, n, 1)
-        if bool((info != 0).any()) or not torch.isfinite(alpha).all():
+        if bool((info != 0).any()) or not torch.isfinite(alpha.sum()):
             x = fx  # degenerate history: fall back to a plain step
             continue
-        mixed = (alpha * fs[:, :n]).sum(dim=1)
-        if beta != 1.0:
-            mixed = beta * mixed + (1 - beta) * (alpha * xs[:, :n]).sum(dim=1)
-        if not torch.isfinite(mixed).all():
+        weights = alpha.to(x.dtype).transpose(1, 2)  # (B, 1, n)
+        mixed = (weights @ fs[:, :n])[:, 0]
+        if xs is not None:
+            mixed = beta * mixed + (1 - beta) * (weights @ xs[:, :n])[:, 0]
+        if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
             mixed = fx.reshape(b, -1)
         x = mixed.reshape(x.shape)
     x, residual, tol = best

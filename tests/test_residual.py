@@ -97,9 +97,17 @@ def test_non_convergence_warns_with_the_residual():
 
 
 def test_non_convergence_raises_in_strict_mode():
-    step = ResidualTransform(_Expanding(), max_iter=5, strict=True)
+    step = ResidualTransform(_Expanding(), max_iter=5, strict=True, solver="banach")
     with pytest.raises(ConvergenceError, match="residual"):
         step.inverse(torch.ones(2, 3))
+
+
+def test_anderson_solves_a_linear_expanding_branch_exactly():
+    """Anderson mixing is a secant method: on g(x) = 2x it finds x = y / 3 though the
+    plain iteration diverges (a fixed point can exist without a contraction)."""
+    step = ResidualTransform(_Expanding(), max_iter=5, strict=True)
+    x, _ = step.inverse(torch.ones(2, 3))  # strict: raises if not converged in 5
+    torch.testing.assert_close(x, torch.full((2, 3), 1 / 3), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(4))

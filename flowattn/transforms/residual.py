@@ -12,7 +12,10 @@ from __future__ import annotations
 
 __all__ = ["ConvergenceError", "ConvergenceWarning", "ResidualTransform"]
 
+import contextlib
+import math
 import warnings
+from collections.abc import Iterator
 
 import torch
 from nflows.transforms import Transform
@@ -92,6 +95,7 @@ class ResidualTransform(Transform):
         self.input_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
         self.last_inverse: FixedPointResult | None = None
         self.last_logabsdet: Tensor | None = None
+        self.skip_log_dets = False
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float | None:
         """The branch's certified Lipschitz bound for inputs of shape ``input_shape``
@@ -102,7 +106,23 @@ class ResidualTransform(Transform):
         shape = self.input_shape if input_shape is None else tuple(input_shape)
         return bound() if shape is None else bound(shape)
 
+    @contextlib.contextmanager
+    def log_dets_skipped(self) -> Iterator[None]:
+        """Within the block, ``forward`` and ``inverse`` skip the log-det estimate (the
+        costly part of an inverse) and return NaN log-dets, which cannot pass unnoticed:
+        for encoding, decoding and sampling, where the log-det is discarded."""
+        previous, self.skip_log_dets = self.skip_log_dets, True
+        try:
+            yield
+        finally:
+            self.skip_log_dets = previous
+
+    def _nan_log_dets(self, like: Tensor) -> Tensor:
+        return torch.full((like.shape[0],), math.nan, dtype=like.dtype, device=like.device)
+
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.skip_log_dets:
+            return inputs + self.branch(inputs), self._nan_log_dets(inputs)
         gx, logabsdet = self.estimator(self.branch, inputs)
         self.last_logabsdet = logabsdet.detach()
         return inputs + gx, logabsdet
@@ -125,6 +145,8 @@ class ResidualTransform(Transform):
             if self.strict:
                 raise ConvergenceError(message)
             warnings.warn(message, ConvergenceWarning, stacklevel=2)
+        if self.skip_log_dets:
+            return result.solution, self._nan_log_dets(result.solution)
         with torch.no_grad():
             _, logabsdet = self.estimator(self.branch, result.solution)
         return result.solution, -logabsdet

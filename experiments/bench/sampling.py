@@ -1,0 +1,83 @@
+"""Sampling and reconstruction speed of the density presets (images per second).
+
+Each preset (``--presets``; tiny size, as in the CPU density configs) is built on the
+images of ``--dataset`` (default the shared CIFAR-10 subset), trained for ``--steps``
+steps so its residual branches are not at their initial weights, and then timed: the
+median over ``--reps`` calls of ``DensityModel.sample(n)`` (temperature 1) and of
+``DensityModel.reconstruct`` on n test images, at the default inverse tolerance (a few
+float32 epsilons). Printed: images per second of each, the fixed-point iterations per
+residual step of the last call, and the largest reconstruction error in pixel levels.
+
+Usage:
+    python experiments/bench/sampling.py
+    python experiments/bench/sampling.py --presets iresnet glow --n 256 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from flowattn.data import load_dataset, stack_images
+from flowattn.models import build_model
+from flowattn.training import Trainer
+
+PRESETS = ("iresnet", "iresnet-attn", "resflow", "glow", "glow-attn")
+# ../shared beside the repository
+SHARED = str(Path(__file__).resolve().parents[3] / "shared/data/cifar10/cifar10_subset.npz")
+
+
+def timed(call, reps: int) -> tuple[float, object]:
+    """Median seconds of ``reps`` calls, and the last call's result."""
+    times, result = [], None
+    for _ in range(reps):
+        start = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--dataset", default=SHARED)
+    parser.add_argument("--n", type=int, default=64, help="images per call")
+    parser.add_argument("--steps", type=int, default=20, help="training steps first")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x_train = stack_images(load_dataset(args.dataset, "train"), 512)
+    x_test = stack_images(load_dataset(args.dataset, "test"), args.n)
+    shape = tuple(x_train.shape[1:])
+    print(
+        f"{args.dataset}: images {shape}, tiny models trained {args.steps} steps; "
+        f"{args.n} images per call, median of {args.reps} calls, {args.threads} thread(s), "
+        f"torch {torch.__version__}"
+    )
+    print(f"{'preset':<14} {'sample img/s':>13} {'reconstruct img/s':>18} "
+          f"{'iterations per step':>22} {'max error (levels)':>19}")  # fmt: skip
+    for preset in args.presets:
+        torch.manual_seed(0)
+        model = build_model(preset, image_shape=shape, size="tiny")
+        Trainer(model, x_train, batch_size=32, lr=1e-3, warmup=1).run(args.steps, progress=False)
+        model.eval()
+        torch.manual_seed(1)
+        sample_s, _ = timed(lambda m=model: m.sample(args.n), args.reps)
+        recon_s, x_hat = timed(lambda m=model: m.reconstruct(x_test), args.reps)
+        iterations = [step.last_inverse.iterations for _, step in model.residual_steps()]
+        error = int((x_hat.int() - x_test.int()).abs().max())
+        its = ",".join(map(str, iterations)) or "-"
+        print(
+            f"{preset:<14} {args.n / sample_s:>13.1f} {args.n / recon_s:>18.1f} {its:>22} "
+            f"{error:>19}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
