@@ -502,13 +502,12 @@ COMMANDS = {
 
 def _suggestion(flag: str, parser: ArgumentParser) -> str:
     """``; did you mean --X?`` for the closest of ``parser``'s options, spelled as given."""
-    import difflib
+    from .names import closest
 
-    names = list(parser.get_defaults().keys())
-    close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), names, n=1)
-    if not close:
+    close = closest(flag.lstrip("-").replace("-", "_"), list(parser.get_defaults().keys()))
+    if close is None:
         return ""
-    name = close[0].replace("_", "-") if "-" in flag.lstrip("-") else close[0]
+    name = close.replace("_", "-") if "-" in flag.lstrip("-") else close
     return f"; did you mean --{name}?"
 
 

@@ -36,6 +36,7 @@ import tomli_w
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .errors import ConfigError
+from .names import check_names
 
 
 def load_toml(text: str) -> dict[str, Any]:
@@ -67,7 +68,9 @@ def _load_document_or_value(text: str) -> Any:
 
 
 def _dump(data: dict[str, Any]) -> str:
-    """jsonargparse's TOML dumper (``--print_config``): unset (None) values left out."""
+    """Values as TOML (tomli-w writes the scalar keys first, then dicts as tables), unset
+    (None) values left out: :func:`to_toml`, and jsonargparse's dumper for
+    ``--print_config``."""
 
     def drop_none(value: Any) -> Any:
         if isinstance(value, dict):
@@ -85,11 +88,7 @@ jsonargparse.set_dumper("toml", _dump)
 def to_toml(config: Any) -> str:
     """A dataclass config as TOML: scalar keys first, dict fields as tables; None values
     (unset) are left out."""
-    values = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
-    scalars = {k: v for k, v in values.items() if not isinstance(v, dict)}
-    tables = {k: {a: b for a, b in v.items() if b is not None} for k, v in values.items()
-              if isinstance(v, dict)}  # fmt: skip
-    return tomli_w.dumps({**scalars, **tables})
+    return _dump(dataclasses.asdict(config))
 
 
 def config_parser(cls: type, **options: Any) -> ArgumentParser:
@@ -108,9 +107,8 @@ def config_parser(cls: type, **options: Any) -> ArgumentParser:
 
 def parse_values(cls: type, values: dict[str, Any], parser: ArgumentParser | None = None):
     """An instance of the dataclass ``cls`` from ``values``, type-checked as the command
-    line is (unknown keys and wrong types raise a ConfigError naming the key)."""
-    from .names import check_names
-
+    line is (unknown keys and wrong types raise a ConfigError naming the key). ``parser``:
+    one from :func:`config_parser` for ``cls`` already built, to reuse."""
     fields = [f.name for f in dataclasses.fields(cls)]
     check_names(values, fields, "config key")
     parser = config_parser(cls) if parser is None else parser
@@ -125,8 +123,6 @@ def one_line(error: BaseException, valid: Sequence[str] = ()) -> str:
     """A parser error as one plain line (jsonargparse spreads type errors over several
     and names types as Python does); an unknown key of a config file gets the closest of
     ``valid`` as a suggestion."""
-    from .names import check_names
-
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     unknown = re.search(r"Option '([^']+)' is not accepted", text)
     if unknown and valid:

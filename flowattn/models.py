@@ -49,7 +49,6 @@ __all__ = [
 
 import contextlib
 import dataclasses
-import difflib
 import math
 import time
 import typing
@@ -82,7 +81,7 @@ from .logdet import (
     series_truncation_bound,
 )
 from .metrics import BitsPerDim, bits_per_dim, summarize_bits_per_dim
-from .names import check_names
+from .names import check_names, closest
 from .nn.conv_branch import ACTIVATIONS, ConvResidualBranch
 from .nn.lipschitz_attention import CERTIFIED_KINDS, KINDS
 from .solvers import SOLVERS
@@ -195,8 +194,8 @@ class ModelConfig:
     def resolved(self) -> ModelConfig:
         """Fills preset and size defaults and checks every value."""
         if self.preset not in PRESETS:
-            close = difflib.get_close_matches(self.preset, PRESETS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            close = closest(self.preset, PRESETS)
+            hint = f" (did you mean {close!r}?)" if close else ""
             raise ConfigError(
                 f"unknown preset {self.preset!r}{hint}; valid presets: {', '.join(PRESETS)}"
             )

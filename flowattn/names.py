@@ -7,7 +7,7 @@ typo in a config file or a keyword says what was meant.
 
 from __future__ import annotations
 
-__all__ = ["check_names"]
+__all__ = ["check_names", "closest"]
 
 import difflib
 from collections.abc import Iterable, Sequence
@@ -32,6 +32,17 @@ def check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
     """
     for name in names:
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = closest(name, valid)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise ConfigError(f"unknown {what} {name!r}{hint}")
+
+
+def closest(name: str, valid: Sequence[str]) -> str | None:
+    """The valid name closest to ``name``, or None when none is close.
+
+    Examples:
+        >>> closest("stepz", ["steps", "lr"]), closest("xyz", ["steps", "lr"])
+        ('steps', None)
+    """
+    close = difflib.get_close_matches(name, valid, n=1)
+    return close[0] if close else None
