@@ -10,7 +10,6 @@ the 0.1 spellings ``--batch-size`` and ``--models a,b`` still work), and flags a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import warnings
 from pathlib import Path
@@ -27,26 +26,26 @@ from flowattn.errors import ConfigError
 T = TypeVar("T")
 
 
-def parse_config(cls: type[T], argv: list[str] | None, description: str, **extra: Any) -> T:
+def parse_config(
+    cls: type[T], argv: list[str] | None, description: str, **extra: str
+) -> tuple[T, Any]:
     """The settings of the dataclass ``cls`` from a command line: ``--config FILE.toml``
-    and one flag per field (flowattn's config layer, :mod:`flowattn.configs`); ``extra``
-    are flags that are not settings (name: help), returned as attributes of the config's
-    ``flags`` namespace. Errors exit with one line."""
+    and one flag per field (flowattn's config layer, :mod:`flowattn.configs`), and the
+    parsed namespace, which also holds ``extra``: on/off flags that are not settings
+    (name: help). Errors exit with one line."""
     import sys
 
     parser = config_parser(cls, description=description)
     for name, help_text in extra.items():
         parser.add_argument(f"--{name}", action="store_true", help=help_text)
     argv = modern_argv(sys.argv[1:] if argv is None else list(argv), cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
     try:
         args = parser.parse_args(argv)
-        config = parse_values(cls, {f.name: args[f.name] for f in dataclasses.fields(cls)})
+        config = parse_values(cls, {name: args[name] for name in fields}, parser)
     except (ArgumentError, ConfigError) as error:
-        fields = [f.name for f in dataclasses.fields(cls)]
         raise SystemExit(f"error: {one_line(error, fields)}") from None
-    config.flags = argparse.Namespace(**{n.replace("-", "_"): args[n.replace("-", "_")]
-                                         for n in extra})  # fmt: skip
-    return config
+    return config, args
 
 
 def read_config(cls: type[T], path: str | Path) -> T:

@@ -414,7 +414,7 @@ def run(config: Config) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(Config, argv, __doc__.splitlines()[0])
+    config, _ = parse_config(Config, argv, __doc__.splitlines()[0])
     quiet_known_warnings()
     try:
         run(config)

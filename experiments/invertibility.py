@@ -360,12 +360,12 @@ def figure(x: Tensor, reconstructions: dict[str, Tensor], rows: list[dict], path
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = parse_config(
+    config, args = parse_config(
         Config, argv, __doc__.splitlines()[0], **{"no-progress": "no progress bar"}
     )
     quiet_known_warnings()
     try:
-        run(config, progress=not config.flags.no_progress)
+        run(config, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
 
