@@ -440,15 +440,16 @@ def run_training(
             lock.release()
 
 
-class Checkpointer(Hook):
-    """Writes the run's checkpoint every ``every`` steps, and on demand, but only a state
-    that :func:`state_is_finite` passes; the replaced checkpoint is kept as
+class Checkpointer:
+    """Writes the run's checkpoint when called (an action for
+    :class:`~flowattn.training.Every`) or at :meth:`save`, but only a state that
+    :func:`state_is_finite` passes; the replaced checkpoint is kept as
     ``checkpoint.prev.pt``. ``good_step`` is the step of the last good checkpoint."""
 
     def __init__(self, trainer: Trainer, path: Path, held: torch.Tensor, contents: dict,
-                 every: int, good_step: int | None, log) -> None:  # fmt: skip
+                 good_step: int | None, log) -> None:  # fmt: skip
         self.trainer, self.path, self.held, self.contents = trainer, path, held, contents
-        self.every, self.good_step, self.log = every, good_step, log
+        self.good_step, self.log = good_step, log
 
     def kept(self) -> str:
         """Where the last good checkpoint is, in words."""
@@ -467,9 +468,8 @@ class Checkpointer(Hook):
         self.good_step = self.trainer.step
         return True
 
-    def after_step(self, trainer: Trainer, loss: float) -> None:
-        if trainer.step % self.every == 0:
-            self.save()
+    def __call__(self, trainer: Trainer) -> None:
+        self.save()
 
 
 class PlainProgress(Hook):
@@ -489,18 +489,17 @@ class PlainProgress(Hook):
             )
 
 
-class TrainingScalars(Hook):
-    """TensorBoard scalars every ``every`` steps: loss, gradient norm, learning rate,
-    skipped steps, speed, and each residual step's Lipschitz bound and log-dets."""
+class TrainingScalars:
+    """TensorBoard scalars of the step just taken (an action for
+    :class:`~flowattn.training.Every`): loss, gradient norm, learning rate, skipped steps,
+    speed, and each residual step's Lipschitz bound and log-dets."""
 
-    def __init__(self, writer, every: int) -> None:
-        self.writer, self.every = writer, every
+    def __init__(self, writer) -> None:
+        self.writer = writer
 
-    def after_step(self, trainer: Trainer, loss: float) -> None:
+    def __call__(self, trainer: Trainer) -> None:
         step, write = trainer.step, self.writer.add_scalar
-        if step % self.every:
-            return
-        write("train/bpd", loss, step)
+        write("train/bpd", trainer.result.losses[-1], step)
         write("train/grad_norm", trainer.last_grad_norm, step)
         write("train/lr", trainer.optimizer.param_groups[0]["lr"], step)
         write("train/skipped_steps", trainer.result.skipped, step)
@@ -576,7 +575,6 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
         checkpoint_path,
         held=x_train[: config.batch_size].to(device),
         contents={"model_config": model.config.to_dict(), "run_config": dataclasses.asdict(config)},
-        every=config.checkpoint_every,
         good_step=None if state is None else trainer.step,
         log=log,
     )
@@ -584,7 +582,10 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
     if rank == 0:
         eval_x = x_test if config.eval_images == 0 else x_test[: config.eval_images]
         evaluation = TestEvaluation(eval_x, config.seed, writer, config.steps)
-        hooks += [TrainingScalars(writer, config.log_every), checkpointer]
+        hooks += [
+            Every(TrainingScalars(writer), steps=config.log_every),
+            Every(checkpointer, steps=config.checkpoint_every),
+        ]
         if config.eval_every:
             hooks.append(Every(evaluation, steps=config.eval_every))
         if not progress:
