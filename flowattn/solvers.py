@@ -194,8 +194,8 @@ def _polish(step, x, fx, allowed, it, residual, tol, max_iter) -> FixedPointResu
 
 def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
     """Anderson acceleration with a history of m iterates. The Gram matrix of the
-    residual history is updated one row per iteration and kept in float64 (in float32
-    it loses the digits that matter near convergence); the rest stays in x's dtype."""
+    residual history is updated one row per iteration (the products in x's dtype) and
+    stored, regularised and solved in float64; the rest stays in x's dtype."""
     b = x.shape[0]
     d = x[0].numel()
     fs = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)  # f(x_i)
