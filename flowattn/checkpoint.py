@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .errors import first_line
+
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
 _FORMAT = "flowattn-checkpoint-2"
@@ -139,7 +141,7 @@ def load_checkpoint(
             ) from None
         state = _read_trusted(path, map_location)
     except Exception as error:  # truncated zip, garbage, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(error)}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
     if not isinstance(state, dict) or state.get("format") not in (_FORMAT, _OLD_FORMAT):
         raise CheckpointError(f"{path} is not a flowattn checkpoint")
     if state["format"] == _OLD_FORMAT:
@@ -153,12 +155,7 @@ def _read_trusted(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_reason(error)}") from None
-
-
-def _reason(error: Exception) -> str:
-    """An exception's first line (its type's name if it has no message)."""
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
 
 
 def _upgrade(state: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from jsonargparse import ArgumentParser
 from nflows.transforms import SqueezeTransform
 
 from . import configs
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .models import EXACT_MAX_DIMS
 from .transforms import KINDS, PAPER_KINDS, ConvergenceWarning, invertible_attention
 
@@ -265,7 +265,7 @@ def _images_from(paths: list[str], state: dict, split: str, limit: int) -> torch
                 with Image.open(p) as image:
                     batches.append(pil_to_tensor(image.convert("RGB"))[None])
             except (UnidentifiedImageError, OSError) as error:
-                reason = str(error).splitlines()[0] if str(error) else "unreadable"
+                reason = first_line(error, default="unreadable")
                 raise UsageError(
                     f"{path} is not an image file that can be read: {reason}"
                 ) from None
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help, --print_config
         return stop.code if isinstance(stop.code, int) else 0
     except (*user_errors, PermissionError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error)
         if not message.startswith("flowattn"):
             message = f"flowattn: error: {message}"
         print(message, file=sys.stderr)

@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import load_dataset, stack_images
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, Preset, build_model
 from .runlock import RunLock, RunLockedError
@@ -249,7 +249,7 @@ def load_run_model(
         model = build_model(ModelConfig.from_dict(state["model_config"]))
         model.load_state_dict(trainer["model"])
     except (KeyError, RuntimeError, TypeError) as error:
-        reason = str(error).splitlines()[0]
+        reason = first_line(error)
         raise CheckpointError(f"checkpoint does not match its model config: {reason}") from None
     if ema and trainer.get("ema") is not None:
         averaged = EMA.parameters_in(trainer["ema"])
@@ -413,7 +413,7 @@ def run_training(
         try:
             trainer.load_state_dict(state["trainer"])
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
-            reason = str(error).splitlines()[0]
+            reason = first_line(error)
             raise ConfigError(
                 f"--resume: {checkpoint_path} does not fit this run: {reason}"
             ) from None
