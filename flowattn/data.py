@@ -210,7 +210,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _cifar10_batch(file: Path) -> tuple[np.ndarray, list[int]]:
-    """(images (N, 32, 32, 3) uint8, labels) of one CIFAR-10 python batch."""
+    """(images (N, 3, 32, 32) uint8, labels) of one CIFAR-10 python batch."""
     try:
         with file.open("rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
@@ -221,7 +221,7 @@ def _cifar10_batch(file: Path) -> tuple[np.ndarray, list[int]]:
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{file}: expected uint8 data (N, 3072), got {data.dtype} {data.shape}")
     # rows are channel-major: 1024 red, 1024 green, 1024 blue values
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _cifar10(root: Path, split: str) -> ImageTensorDataset:
