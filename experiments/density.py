@@ -193,7 +193,6 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
         print(f"  {notes[-1]}", flush=True)
     if curve.points[-1]["step"] != trainer.step:
         curve(trainer)
-    curve = curve.points
     result = trainer.result
     row = {
         "model": spec,
@@ -242,7 +241,7 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
         f"{result.steps} steps ({row['train_img_s']:.1f} img/s)",
         flush=True,
     )
-    return row, curve, values
+    return row, curve.points, values
 
 
 def setting(config: Config, data: dict, device: torch.device) -> str:
