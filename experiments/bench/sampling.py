@@ -8,6 +8,11 @@ median over ``--reps`` calls of ``DensityModel.sample(n)`` (temperature 1) and o
 float32 epsilons). Printed: images per second of each, the fixed-point iterations per
 residual step of the last call, and the largest reconstruction error in pixel levels.
 
+The last column compares, in this process and interleaved (alternating order, median
+ratio with a bootstrap 95% interval), ``sample`` with nflows' ``sample_and_log_prob``,
+which draws the same way through the same inverse but also estimates every residual
+step's log-det: what skipping those estimates buys.
+
 Usage:
     python experiments/bench/sampling.py
     python experiments/bench/sampling.py --presets iresnet glow --n 256 --threads 2
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from measure import median_ratio_ci
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
@@ -60,7 +66,8 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(f"{'preset':<14} {'sample img/s':>13} {'reconstruct img/s':>18} "
-          f"{'iterations per step':>22} {'max error (levels)':>19}")  # fmt: skip
+          f"{'iterations per step':>22} {'max error (levels)':>19} "
+          f"{'with / without log-dets':>22}")  # fmt: skip
     for preset in args.presets:
         torch.manual_seed(0)
         model = build_model(preset, image_shape=shape, size="tiny")
@@ -72,11 +79,34 @@ def main() -> None:
         iterations = [step.last_inverse.iterations for _, step in model.residual_steps()]
         error = int((x_hat.int() - x_test.int()).abs().max())
         its = ",".join(map(str, iterations)) or "-"
+        ratio = "-"
+        if iterations:
+            with_log_dets, without = interleaved(model, args.n, args.reps)
+            ratio = "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(with_log_dets, without))
         print(
             f"{preset:<14} {args.n / sample_s:>13.1f} {args.n / recon_s:>18.1f} {its:>22} "
-            f"{error:>19}",
+            f"{error:>19} {ratio:>22}",
             flush=True,
         )
+
+
+def interleaved(model, n: int, reps: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``sample_and_log_prob(n)`` and of ``sample(n)``, alternating which goes
+    first, after one warm-up call of each."""
+    calls = {
+        "with": lambda: model.sample_and_log_prob(n),
+        "without": lambda: model.sample(n),
+    }
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    for name in calls:
+        calls[name]()
+    for rep in range(max(reps, 5)):
+        for name in ("with", "without") if rep % 2 == 0 else ("without", "with"):
+            start = time.perf_counter()
+            with torch.no_grad():
+                calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times["with"], times["without"]
 
 
 if __name__ == "__main__":
