@@ -10,7 +10,7 @@ collects the norms used to certify that:
   enforced by :class:`SpectralRescale`;
 * the spectral norm of a convolution operator, estimated by power iteration
   (:func:`conv_power_iteration`, a *lower* estimate) and bounded from above by
-  :func:`conv_spectral_upper_bound` (a proven bound from the FFT of the kernel).
+  :func:`conv_spectral_upper_bound` (a proven bound from the DFT of the kernel).
 
 The rescalings are parametrizations for :mod:`torch.nn.utils.parametrize`: the
 stored parameter is unconstrained and the weight seen by the layer is rescaled
@@ -76,6 +76,12 @@ def inf_norm(weight: Tensor) -> Tensor:
 def spectral_norm(weight: Tensor) -> Tensor:
     r"""Exact spectral norm (largest singular value) of a small matrix.
 
+    The value is the square root of the largest eigenvalue of the smaller Gram matrix,
+    solved in float64 without autograd; the gradient is that of :math:`\|W v\|` with
+    the top singular vector :math:`v` held fixed, which is the derivative of the
+    largest singular value wherever it is simple. This costs one small Hermitian
+    eigensolve instead of an SVD and its backward.
+
     Arguments:
         weight: A matrix (out, in) or a 1x1 convolution weight (out, in, 1, 1).
 
@@ -86,7 +92,43 @@ def spectral_norm(weight: Tensor) -> Tensor:
         >>> spectral_norm(torch.diag(torch.tensor([3.0, -4.0])))
         tensor(4.)
     """
-    return torch.linalg.matrix_norm(_as_matrix(weight), ord=2)
+    return _largest_singular_value(_as_matrix(weight))
+
+
+def _gram(blocks: Tensor) -> Tensor:
+    r"""The Gram matrices :math:`B^H B` of a batch of (m, n) blocks.
+
+    Complex blocks are multiplied as real ones (a batched complex product with a
+    conjugate view is several times slower on CPU): with :math:`B = R + iI`,
+    :math:`B^H B = (R^\top R + I^\top I) + i (R^\top I - I^\top R)`.
+    """
+    if not blocks.is_complex():
+        return blocks.mT @ blocks
+    n = blocks.shape[-1]
+    stacked = torch.cat([blocks.real, blocks.imag], dim=-2)  # (..., 2m, n)
+    rotated = torch.cat([blocks.imag, -blocks.real], dim=-2)
+    products = stacked.mT @ torch.cat([stacked, rotated], dim=-1)  # (..., n, 2n)
+    return torch.complex(products[..., :n], products[..., n:])
+
+
+def _largest_singular_value(block: Tensor, top: Tensor | None = None) -> Tensor:
+    r"""Largest singular value of one (m, n) block (real or complex), certified in float64.
+
+    ``top`` is the block's largest Gram eigenvalue when the caller already has it. The
+    returned value is the float64 one (rounded to the block's real dtype); its gradient
+    flows through :math:`\|B v\|` for the fixed top right singular vector :math:`v`.
+    """
+    if block.shape[-2] < block.shape[-1]:
+        block = block.mH  # the same singular values, from the smaller Gram matrix
+    with torch.no_grad():
+        gram = _gram(block.detach().to(torch.complex128 if block.is_complex() else torch.float64))
+        values, vectors = torch.linalg.eigh(gram)
+        certified = (values[-1] if top is None else top).clamp_min(0).sqrt()
+        direction = vectors[:, -1].to(block.dtype)
+    norm = torch.linalg.vector_norm(block @ direction)
+    # the float64 eigenvalue is the certified value; the differentiable norm supplies
+    # the gradient (they agree to rounding)
+    return norm * (certified.to(norm.dtype) / norm.detach().clamp_min(1e-30)).clamp(min=1.0)
 
 
 class RowL1Rescale(nn.Module):
@@ -242,27 +284,55 @@ def conv_spectral_upper_bound(weight: Tensor, spatial: tuple[int, int]) -> Tenso
     """
     k = weight.shape[-1]
     h, w = spatial[0] + k - 1, spatial[1] + k - 1
+    phases = _tap_phases(k, (h, w), weight.device)  # (F, k k), F = h (w // 2 + 1)
     with torch.no_grad():
-        # A real kernel's spectrum is conjugate-symmetric and conjugate matrices share
-        # singular values, so the half spectrum of rfft2 holds every distinct block.
-        spectrum = torch.fft.rfft2(weight.detach().double(), s=(h, w))  # (out, in, h, w')
-        blocks = spectrum.permute(2, 3, 0, 1).flatten(0, 1)  # (h w', out, in)
         # Squared singular values are the eigenvalues of the smaller Gram matrix: one
         # Hermitian eigensolve per frequency (direct, in float64) instead of an SVD.
-        gram = blocks.mH @ blocks if blocks.shape[-1] <= blocks.shape[-2] else blocks @ blocks.mH
-        top = torch.linalg.eigvalsh(gram)[:, -1]
+        top = torch.linalg.eigvalsh(_frequency_grams(weight.detach().double(), phases))[:, -1]
         worst = int(top.argmax())
-        certified = top[worst].clamp_min(0).sqrt()
     # Only the worst frequency carries a gradient (the max's subgradient): its block is
     # the kernel's DFT at that frequency, computed directly from the k x k taps.
-    f1, f2 = divmod(worst, w // 2 + 1)
-    taps = torch.arange(k, device=weight.device, dtype=torch.float64)
-    phase = torch.exp(-2j * math.pi * (f1 * taps[:, None] / h + f2 * taps[None, :] / w))
-    block = torch.einsum("oiab,ab->oi", weight.to(phase.dtype), phase)
-    norm = torch.linalg.matrix_norm(block, ord=2).to(weight.dtype)
-    # the float64 eigenvalue is the certified value; the differentiable norm supplies
-    # the gradient (they agree to rounding)
-    return norm * (certified.to(weight.dtype) / norm.detach().clamp_min(1e-30)).clamp(min=1.0)
+    complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+    block = weight.flatten(2).to(complex_dtype) @ phases[worst].conj().to(complex_dtype)
+    return _largest_singular_value(block, top[worst]).to(weight.dtype)
+
+
+def _tap_phases(k: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+    r"""(F, k k) complex128 factors :math:`e^{i\theta_{f,a}}`, with
+    :math:`\theta_{f,a} = 2\pi (f_1 a_1 / h + f_2 a_2 / w)`, of every frequency f of the
+    half spectrum of an (h, w) grid (row-major over :math:`f_1 < h`,
+    :math:`f_2 \le w / 2`) and every tap a of a k x k kernel. A real kernel's spectrum
+    is conjugate-symmetric and conjugate matrices share singular values, so the half
+    spectrum holds every distinct block."""
+    h, w = grid
+    f1 = torch.arange(h, device=device, dtype=torch.float64)
+    f2 = torch.arange(w // 2 + 1, device=device, dtype=torch.float64)
+    taps = torch.arange(k, device=device, dtype=torch.float64)
+    angle = (f1[:, None, None, None] * taps[:, None] / h) + (f2[:, None, None] * taps / w)
+    return torch.polar(torch.ones_like(angle), 2 * math.pi * angle).reshape(-1, k * k)
+
+
+def _frequency_grams(weight: Tensor, phases: Tensor) -> Tensor:
+    r"""The Gram matrices of a kernel's per-frequency blocks, (F, n, n) with n the
+    smaller of its channel counts, from products of its taps.
+
+    The block at frequency f is :math:`B_f = \sum_a w_a e^{-i\theta_{f,a}}` (the
+    kernel's DFT, :math:`w_a` the (out, in) tap a), so
+    :math:`B_f^H B_f = \sum_{a,b} e^{i(\theta_{f,a} - \theta_{f,b})} w_a^\top w_b`:
+    one product of all taps and a small sum per frequency, with no FFT of a padded
+    grid and no complex matrix products. A kernel with more inputs than outputs is
+    transposed first (:math:`B B^H` has the same nonzero eigenvalues, up to conjugation).
+    """
+    if weight.shape[1] > weight.shape[0]:
+        weight = weight.transpose(0, 1)
+    m, n = weight.shape[:2]
+    taps = weight.flatten(2)  # (m, n, k k)
+    products = torch.einsum("mna,mpb->abnp", taps, taps).reshape(-1, n * n)  # w_a^T w_b
+    # e^{i(theta_a - theta_b)} for every pair (a, b), as real matrices (F, kk kk)
+    pair_phases = (phases[:, :, None] * phases[:, None, :].conj()).flatten(1)
+    real = pair_phases.real @ products
+    imag = pair_phases.imag @ products
+    return torch.complex(real, imag).reshape(-1, n, n)
 
 
 def jacobian_norm(jacobian: Tensor, ord: float | str = math.inf) -> Tensor:

@@ -96,3 +96,15 @@ def test_conv_bound_value_and_gradient_match_every_frequency_in_float64(shape, s
     assert float(bound) >= float(reference) * (1 - 1e-6)  # still an upper bound
     torch.testing.assert_close(bound.double(), reference, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6), (5, 5, 1, 1)])
+def test_spectral_norm_value_and_gradient_match_the_svd(shape):
+    """The norm comes from a float64 Gram eigensolve and its gradient from the fixed top
+    singular vector: the same value and gradient as differentiating the SVD."""
+    weight = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(spectral_norm(weight), weight)
+    reference = torch.linalg.svdvals(weight.reshape(shape[0], -1))[0]
+    (grad_ref,) = torch.autograd.grad(reference, weight)
+    torch.testing.assert_close(spectral_norm(weight), reference, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-10)
