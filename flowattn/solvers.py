@@ -87,6 +87,14 @@ class _Stall:
             self.since += 1
         return self.since >= STALL_PATIENCE and self.best <= self.floor
 
+    def out_of_iterations(self, best: tuple[Tensor, float, float], max_iter: int):
+        """The result when ``max_iter`` is spent: converged if the best residual is at
+        rounding level (below the floor), as a stall there would have concluded."""
+        x, residual, tol = best
+        if residual <= self.floor:
+            return FixedPointResult(x, max_iter, residual, self.floor, True)
+        return FixedPointResult(x, max_iter, residual, tol, False)
+
 
 def _check(fx: Tensor, x: Tensor, allowed: Tensor) -> tuple[bool, float, float]:
     """(converged, the reported gap, its tolerance) of an iterate: converged when every
@@ -126,7 +134,8 @@ def solve_fixed_point(
             residual stops shrinking for 30 iterations while below the rounding floor
             :math:`64 \epsilon (1 + \max |y|)` (evaluating g in floating point cannot do
             better), the solve stops there and counts as converged, reporting that
-            floor as its ``tolerance``.
+            floor as its ``tolerance``; so does a solve that spends ``max_iter`` with its
+            best residual below that floor.
         max_iter: Largest number of evaluations of ``fn``.
         memory: Anderson history size m.
         damping: Anderson mixing :math:`\beta` (1 is undamped).
@@ -171,8 +180,7 @@ def _banach(step, x, y, allowed, max_iter) -> FixedPointResult:
         if stall.stalled(residual):
             return FixedPointResult(best[0], it, best[1], stall.floor, True)
         x = fx
-    x, residual, tol = best
-    return FixedPointResult(x, max_iter, residual, tol, False)
+    return stall.out_of_iterations(best, max_iter)
 
 
 def _polish(step, x, fx, allowed, it, residual, tol, max_iter) -> FixedPointResult:
@@ -242,5 +250,4 @@ def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
         if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
             mixed = fx.reshape(b, -1)
         x = mixed.reshape(x.shape)
-    x, residual, tol = best
-    return FixedPointResult(x, max_iter, residual, tol, False)
+    return stall.out_of_iterations(best, max_iter)

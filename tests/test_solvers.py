@@ -25,3 +25,26 @@ def test_a_diverging_iteration_never_counts_as_converged():
     y = torch.randn(2, 10)
     result = solve_fixed_point(lambda x: 1.5 * x, y, solver="banach", max_iter=4 * STALL_PATIENCE)
     assert not result.converged and result.residual > result.tolerance
+
+
+@pytest.mark.parametrize("solver", ["banach", "anderson"])
+def test_a_solve_out_of_iterations_at_rounding_level_counts_as_converged(solver):
+    """g with rounding-like noise (1e-14, alternating) on an element whose own tolerance
+    is 4e-16: the residual reaches the rounding floor 64 eps (1 + max|y|) = 1.4e-11 but
+    cannot meet the per-element tolerance. Spending max_iter there is converged, with
+    the floor as tolerance; stopping far above it is not."""
+    calls = []
+
+    def noisy(x):
+        calls.append(None)
+        out = 0.5 * x
+        out[..., 1] += 1e-14 * (-1) ** len(calls)
+        return out
+
+    y = torch.tensor([[1000.0, 1e-3]], dtype=torch.float64)
+    floor = 64 * torch.finfo(torch.float64).eps * 1001
+    done = solve_fixed_point(noisy, y, solver=solver, max_iter=70)
+    assert done.converged and done.residual <= floor and done.tolerance == pytest.approx(floor)
+    torch.testing.assert_close(done.solution, y / 1.5, rtol=0, atol=1e-12)
+    early = solve_fixed_point(noisy, y, solver="banach", max_iter=10)
+    assert not early.converged and early.residual > floor
