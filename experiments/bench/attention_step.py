@@ -1,9 +1,13 @@
-"""Benchmark one training step of each invertible attention kind.
+"""Benchmark one training step of each invertible attention kind, against the paper's code.
 
-Prints, per kind, seconds per training step (forward + log-det + backward) and the
-ratio to the paper's released code at the same setting, then the peak memory of a
-step at 5, 10 and 20 series terms with the plain backward and with the
-memory-efficient backward (Neumann gradient).
+Prints, per kind, seconds per training step (forward + log-det + backward) of our
+faithful and certified versions and, with ``--reference PATH`` (a checkout of github
+Schwartz-Zha/InvertibleAttention, never copied here), of the paper's own step
+(``inv_attention.InvAttention_<kind>``: its power series with create_graph, its soft
+spectral normalisation), interleaved step by step in one process (order alternating,
+warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
+interval. Then the peak memory of a step at 5, 10 and 20 series terms with the plain
+backward and with the memory-efficient backward (Neumann gradient).
 
 Peak memory is the rise of memory in use during one step, after a warm-up step: on
 CPU the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``,
@@ -13,8 +17,8 @@ the step; on CUDA
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step.
 
 Usage:
-    python experiments/bench/attention_step.py            # the issue's setting
-    python experiments/bench/attention_step.py --kinds external l2 --steps 5
+    python experiments/bench/attention_step.py --reference /path/to/InvertibleAttention
+    python experiments/bench/attention_step.py --kinds external l2 --steps 5 --no-memory
 """
 
 from __future__ import annotations
@@ -26,32 +30,49 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from measure import peak_rss_rise_mib, return_freed_memory_to_the_os
+from measure import median_ratio_ci, peak_rss_rise_mib, return_freed_memory_to_the_os
 
 from flowattn import invertible_attention
-from flowattn.transforms import CERTIFIED_KINDS, KINDS
-
-# Seconds per step of the paper's released code (Zha et al., 2021) at batch 16,
-# 12 channels, 16x16, 5 terms, 1 probe, float32, 2 CPU threads, as given in the
-# project's issue; we did not re-run that code here.
-PAPER_CODE_SECONDS = {"gaussian": 0.43, "embedded_gaussian": 0.96, "dot": 2.33, "concat": 4.10}
+from flowattn.transforms import KINDS, PAPER_KINDS
 
 
-def make_step(args, kind: str, n_terms: int, memory_efficient: bool):
+def make_step(args, kind: str, n_terms: int, memory_efficient: bool, certified: bool = True):
     options = {"gradient": "neumann", "memory_efficient": True} if memory_efficient else {}
     step = invertible_attention(
-        kind, args.channels, n_terms=n_terms, n_probes=args.probes, **options
-    )
+        kind, args.channels, certified=certified, n_terms=n_terms, n_probes=args.probes,
+        **options,
+    )  # fmt: skip
     return step.to(args.device)
+
+
+def make_paper_step(args, kind: str) -> torch.nn.Module:
+    """The paper's step ``InvAttention_<kind>`` from the checkout at ``args.reference``."""
+    sys.path.insert(0, str(Path(args.reference).resolve()))
+    import inv_attention
+
+    cls = getattr(inv_attention, f"InvAttention_{kind}")
+    step = cls(args.channels, numTraceSamples=args.probes, numSeriesTerms=args.terms)
+    return step.to(args.device)
+
+
+def log_likelihood_loss(y: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    log_normal = -0.5 * (y**2).flatten(1).sum(1) - 0.5 * y[0].numel() * math.log(2 * math.pi)
+    return -(log_normal + logdet).mean()
 
 
 def one_step(step, x: torch.Tensor) -> None:
     y, logdet = step(x)
-    log_normal = -0.5 * (y**2).flatten(1).sum(1) - 0.5 * y[0].numel() * math.log(2 * math.pi)
-    loss = -(log_normal + logdet).mean()
-    loss.backward()
+    log_likelihood_loss(y, logdet).backward()
+    step.zero_grad(set_to_none=True)
+
+
+def paper_step(step, x: torch.Tensor) -> None:
+    """The paper's step: its input must require grad (its trace differentiates Fx in x)."""
+    y, trace = step(x.detach().requires_grad_(True))
+    log_likelihood_loss(y, trace).backward()
     step.zero_grad(set_to_none=True)
 
 
@@ -60,20 +81,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_kind(args, kind: str) -> float:
+def time_kind(args, kind: str) -> dict[str, list[float]]:
+    """Seconds per step of each version of ``kind``, interleaved step by step."""
     torch.manual_seed(0)
-    step = make_step(args, kind, args.terms, memory_efficient=False)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device) * 0.5
-    for _ in range(2):
-        one_step(step, x)
-    times = []
-    for _ in range(args.steps):
-        sync(args.device)
-        start = time.perf_counter()
-        one_step(step, x)
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    steps = {}
+    if kind in PAPER_KINDS:
+        faithful = make_step(args, kind, args.terms, False, certified=False)
+        steps["faithful"] = lambda: one_step(faithful, x)
+    certified = make_step(args, kind, args.terms, False)
+    steps["certified"] = lambda: one_step(certified, x)
+    if args.reference and kind in PAPER_KINDS:
+        paper = make_paper_step(args, kind)
+        steps["paper"] = lambda: paper_step(paper, x)
+    names = list(steps)
+    for _ in range(args.warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for rep in range(args.steps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            sync(args.device)
+            start = time.perf_counter()
+            steps[name]()
+            sync(args.device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> float:
@@ -119,12 +152,17 @@ def main() -> None:
     parser.add_argument("--terms", type=int, default=5)
     parser.add_argument("--probes", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per version")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--reference", help="a checkout of github Schwartz-Zha/InvertibleAttention")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--memory-terms", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.reference and not (Path(args.reference) / "inv_attention.py").is_file():
+        raise SystemExit(f"error: {args.reference} is not an InvertibleAttention checkout")
     if args.memory_child:
         memory_child(args)
         return
@@ -132,23 +170,19 @@ def main() -> None:
     print(
         f"setting: batch {args.batch}, {args.channels} channels, {args.size}x{args.size}, "
         f"{args.terms} terms, {args.probes} probe, float32, {args.threads} threads, "
-        f"device {args.device}, torch {torch.__version__}"
+        f"device {args.device}, torch {torch.__version__}; {args.steps} interleaved steps "
+        f"per version after {args.warmup} warm-up steps"
     )
-    print(f"{'kind':<18} {'s/step':>8} {'paper code':>11} {'speed-up':>9}")
-    seconds = {}
+    print(f"{'kind':<18} {'version':<10} {'s/step':>8}  paper / this (95% CI)")
     for kind in args.kinds:
-        seconds[kind] = time_kind(args, kind)
-        paper = PAPER_CODE_SECONDS.get(kind)
-        ref = f"{paper:.2f}" if paper else "-"
-        ratio = f"{paper / seconds[kind]:.1f}x" if paper else "-"
-        print(f"{kind:<18} {seconds[kind]:>8.4f} {ref:>11} {ratio:>9}", flush=True)
-    paper_ours = [seconds[k] for k in args.kinds if k in PAPER_CODE_SECONDS]
-    for kind in args.kinds:
-        if kind in CERTIFIED_KINDS and paper_ours:
-            print(
-                f"{kind}: {seconds[kind] / min(paper_ours):.2f}x the time of our fastest paper "
-                f"kind, {seconds[kind] / max(paper_ours):.2f}x our slowest"
-            )
+        times = time_kind(args, kind)
+        for name, values in times.items():
+            ratio = ""
+            if "paper" in times and name != "paper":
+                ratio = "{:.2f}x ({:.2f}-{:.2f})".format(*median_ratio_ci(times["paper"], values))
+            print(f"{kind:<18} {name:<10} {statistics.median(values):>8.4f}  {ratio}", flush=True)
+    if args.no_memory:
+        return
 
     print("\npeak memory of one step (MiB)")
     header = " ".join(f"{t:>3} terms" for t in args.memory_terms)

@@ -41,11 +41,16 @@ from __future__ import annotations
 __all__ = ["CertifiedPaperAttention"]
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..lipschitz import inf_norm
-from .lipschitz_attention import PAPER_KINDS, BoundedOutputBranch, _tokens
+from .lipschitz_attention import (
+    PAPER_KINDS,
+    BoundedOutputBranch,
+    _elu_in_place,
+    _mix_and_total,
+    _shifted_exp,
+)
 
 
 def _entry_sum(weight: Tensor) -> Tensor:
@@ -108,22 +113,31 @@ class CertifiedPaperAttention(BoundedOutputBranch):
         return inf_norm(self.out.weight) * inner
 
     def attention_map(self, x: Tensor) -> Tensor:
-        u = torch.tanh(self._check(x))  # (B, N, C)
+        energy, softmax = self._energies(torch.tanh(self._check(x)))
+        return energy / (energy.sum(dim=-1, keepdim=True) if softmax else energy.shape[-1])
+
+    def _energies(self, u: Tensor) -> tuple[Tensor, bool]:
+        """Unnormalised responses (B, N_out, N_in) of the squashed tokens u (B, N, C), and
+        whether they are divided by their row sums (softmax) rather than by N."""
         if self.kind == "gaussian":
-            return torch.softmax(u @ u.transpose(1, 2), dim=-1)
+            return _shifted_exp(u @ u.transpose(1, 2)), True
         theta, phi = self.theta(u), self.phi(u)
         if self.kind == "embedded_gaussian":
-            return torch.softmax(phi @ theta.transpose(1, 2), dim=-1)
-        n = u.shape[1]
+            return _shifted_exp(phi @ theta.transpose(1, 2)), True
         if self.kind == "dot":
-            return F.elu(phi @ theta.transpose(1, 2)) / n
+            return _elu_in_place(phi @ theta.transpose(1, 2)), False
         w_t, w_p = self.concat.weight[0].split(theta.shape[-1])
-        return F.elu((phi @ w_p)[:, :, None] + (theta @ w_t)[:, None, :]) / n
+        return _elu_in_place((phi @ w_p)[:, :, None] + (theta @ w_t)[:, None, :]), False
 
     def forward(self, x: Tensor) -> Tensor:
-        response = self.attention_map(x)  # (B, N_out, N_in)
-        values = self.value(torch.tanh(_tokens(x)))
-        return self._output(response @ values, x)
+        u = torch.tanh(self._check(x))  # (B, N, C)
+        energy, softmax = self._energies(u)
+        # normalised after the product with the values, on (B, N, C) tensors rather than
+        # the (B, N, N) responses: fewer N x N operations in every term of the series
+        if softmax:
+            mixed, total = _mix_and_total(energy, self.value(u))
+            return self._output(mixed / total, x)
+        return self._output(energy @ (self.value(u) / u.shape[1]), x)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, channels={self.channels}, coeff={self.coeff}, certified"

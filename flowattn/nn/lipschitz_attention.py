@@ -63,6 +63,29 @@ def _tokens(x: Tensor) -> Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def _shifted_exp(logits: Tensor) -> Tensor:
+    """:math:`\\exp(l - \\max l)` along the last dimension, the max held constant: the
+    numerators of a softmax, for normalising after a product with the values."""
+    return torch.exp(logits - logits.detach().amax(dim=-1, keepdim=True))
+
+
+def _elu_in_place(similarity: Tensor) -> Tensor:
+    """ELU of a freshly computed (B, N, N) similarity, in place: autograd then
+    differentiates it through its result (:math:`e + 1` where negative) rather than
+    through the exponential of its input, which makes every term of the series cheaper.
+    The similarity must not be needed by anything else's backward."""
+    return F.elu(similarity, inplace=True)
+
+
+def _mix_and_total(energy: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+    """``energy @ values`` (B, N, C) and ``energy.sum(-1, keepdim=True)`` (B, N, 1) from
+    one product with the values and a column of ones: the sum's backward is then part of
+    the product's, with no separate pass over the (B, N, N) energies."""
+    ones = torch.ones_like(values[..., :1])
+    mixed = energy @ torch.cat([values, ones], dim=-1)
+    return mixed[..., :-1], mixed[..., -1:]
+
+
 def _image(tokens: Tensor, like: Tensor) -> Tensor:
     """(B, N, C) -> (B, C, H, W) shaped like ``like``."""
     return tokens.transpose(1, 2).reshape(like.shape)
@@ -159,28 +182,30 @@ class PaperAttention(AttentionBranch):
 
     def attention_map(self, x: Tensor) -> Tensor:
         """Attention weights :math:`a_{ij}` (B, N_i, N_j); each column sums to 1/1.5."""
-        return self._attention_by_output(x).transpose(1, 2)
+        energy = self._energies(x)
+        return (energy / (1.5 * energy.sum(dim=-1, keepdim=True))).transpose(1, 2)
 
-    def _attention_by_output(self, x: Tensor) -> Tensor:
-        """:math:`a_{ij}` laid out as (B, N_j, N_i): normalised over the last,
-        contiguous dimension, which makes softmax and its double backward faster."""
+    def _energies(self, x: Tensor) -> Tensor:
+        """Unnormalised :math:`e_{ij}` laid out as (B, N_j, N_i). The exponential kinds
+        subtract each output pixel's largest logit first (a constant of the
+        normalisation, so the attention is unchanged) to avoid overflow."""
         t = self._check(x)
         if self.kind == "gaussian":
-            return torch.softmax(t @ t.transpose(1, 2), dim=-1) / 1.5
+            return _shifted_exp(t @ t.transpose(1, 2))
         q, k = self.theta(t), self.phi(t)
         if self.kind == "embedded_gaussian":
-            return torch.softmax(k @ q.transpose(1, 2), dim=-1) / 1.5
+            return _shifted_exp(k @ q.transpose(1, 2))
         if self.kind == "dot":
-            energy = F.elu(k @ q.transpose(1, 2))
-        else:
-            w_q, w_k = self.concat.constrained_weight()[0].split(q.shape[-1])
-            energy = F.elu((k @ w_k)[:, :, None] + (q @ w_q)[:, None, :])
-        return energy / (1.5 * energy.sum(dim=-1, keepdim=True))
+            return _elu_in_place(k @ q.transpose(1, 2))
+        w_q, w_k = self.concat.constrained_weight()[0].split(q.shape[-1])
+        return _elu_in_place((k @ w_k)[:, :, None] + (q @ w_q)[:, None, :])
 
     def forward(self, x: Tensor) -> Tensor:
-        attn = self._attention_by_output(x)  # (B, N_j, N_i)
-        values = self.value(_tokens(x))
-        return _image(self.out(attn @ values), x)
+        # sum_i a_ij V x_i computed as (sum_i e_ij V x_i) / (1.5 sum_i e_ij): the
+        # normalisation acts on (B, N, C) tensors instead of the (B, N, N) attention,
+        # which removes N x N divisions from every vector-Jacobian product of the series
+        mixed, total = _mix_and_total(self._energies(x), self.value(_tokens(x)))
+        return _image(self.out(mixed / (1.5 * total)), x)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, channels={self.channels}, coeff={self.coeff}"
