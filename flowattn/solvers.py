@@ -87,25 +87,33 @@ class _Stall:
             self.since += 1
         return self.since >= STALL_PATIENCE and self.best <= self.floor
 
-    def out_of_iterations(self, best: tuple[Tensor, float, float], max_iter: int):
+    def out_of_iterations(
+        self, best: tuple[Tensor, float, Tensor], max_iter: int, allowed: Tensor
+    ) -> FixedPointResult:
         """The result when ``max_iter`` is spent: converged if the best residual is at
         rounding level (below the floor), as a stall there would have concluded."""
-        x, residual, tol = best
+        x, residual, gap = best
         if residual <= self.floor:
             return FixedPointResult(x, max_iter, residual, self.floor, True)
-        return FixedPointResult(x, max_iter, residual, tol, False)
+        return FixedPointResult(x, max_iter, *_report(gap, allowed), False)
 
 
-def _check(fx: Tensor, x: Tensor, allowed: Tensor) -> tuple[bool, float, float]:
-    """(converged, the reported gap, its tolerance) of an iterate: converged when every
-    element's gap |f(x) - x| is within its tolerance ``allowed``; the report is the
-    largest gap when converged, else the element furthest over its tolerance."""
+def _measure(fx: Tensor, x: Tensor, allowed: Tensor) -> tuple[bool, float, Tensor]:
+    """(converged, the largest gap, the gaps) of an iterate: converged when every
+    element's gap |f(x) - x| is within its tolerance ``allowed``. Only maxima are taken
+    here (vectorised); :func:`_report` finds elements, once, for the result."""
     gap = (fx - x).abs()
+    return float((gap - allowed).amax()) <= 0, float(gap.amax()), gap
+
+
+def _report(gap: Tensor, allowed: Tensor) -> tuple[float, float]:
+    """(gap, tolerance) reported for an iterate: the largest gap when every element is
+    within its tolerance, else the element furthest over its tolerance."""
     worst = int(torch.argmax(gap - allowed))
     if float(gap.flatten()[worst]) > float(allowed.flatten()[worst]):
-        return False, float(gap.flatten()[worst]), float(allowed.flatten()[worst])
+        return float(gap.flatten()[worst]), float(allowed.flatten()[worst])
     worst = int(torch.argmax(gap))
-    return True, float(gap.flatten()[worst]), float(allowed.flatten()[worst])
+    return float(gap.flatten()[worst]), float(allowed.flatten()[worst])
 
 
 @torch.no_grad()
@@ -172,18 +180,18 @@ def _banach(step, x, y, allowed, max_iter) -> FixedPointResult:
     stall = _Stall(y)
     for it in range(1, max_iter + 1):
         fx = step(x)
-        converged, residual, tol = _check(fx, x, allowed)
+        converged, residual, gap = _measure(fx, x, allowed)
         if best is None or residual < best[1]:
-            best = (x, residual, tol)
+            best = (x, residual, gap)
         if converged:
-            return _polish(step, x, fx, allowed, it, residual, tol, max_iter)
+            return _polish(step, x, fx, allowed, it, residual, gap, max_iter)
         if stall.stalled(residual):
             return FixedPointResult(best[0], it, best[1], stall.floor, True)
         x = fx
-    return stall.out_of_iterations(best, max_iter)
+    return stall.out_of_iterations(best, max_iter, allowed)
 
 
-def _polish(step, x, fx, allowed, it, residual, tol, max_iter) -> FixedPointResult:
+def _polish(step, x, fx, allowed, it, residual, gap, max_iter) -> FixedPointResult:
     """Plain steps after convergence while the residual still shrinks.
 
     Tolerances near machine precision cannot separate the last few units in the
@@ -192,12 +200,12 @@ def _polish(step, x, fx, allowed, it, residual, tol, max_iter) -> FixedPointResu
     """
     while residual > 0 and it < max_iter:
         fx_next = step(fx)
-        _, new_residual, new_tol = _check(fx_next, fx, allowed)
+        _, new_residual, new_gap = _measure(fx_next, fx, allowed)
         it += 1
         if new_residual >= residual:
             break
-        x, fx, residual, tol = fx, fx_next, new_residual, new_tol
-    return FixedPointResult(x, it, residual, tol, True)
+        x, fx, residual, gap = fx, fx_next, new_residual, new_gap
+    return FixedPointResult(x, it, *_report(gap, allowed), True)
 
 
 def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
@@ -215,11 +223,11 @@ def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
     stall = _Stall(y)
     for it in range(1, max_iter + 1):
         fx = step(x)
-        converged, residual, tol = _check(fx, x, allowed)
+        converged, residual, gap = _measure(fx, x, allowed)
         if best is None or residual < best[1]:
-            best = (x, residual, tol)
+            best = (x, residual, gap)
         if converged:
-            return _polish(step, x, fx, allowed, it, residual, tol, max_iter)
+            return _polish(step, x, fx, allowed, it, residual, gap, max_iter)
         if stall.stalled(residual):
             return FixedPointResult(best[0], it, best[1], stall.floor, True)
         slot, n = (it - 1) % m, min(it, m)
@@ -250,4 +258,4 @@ def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
         if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
             mixed = fx.reshape(b, -1)
         x = mixed.reshape(x.shape)
-    return stall.out_of_iterations(best, max_iter)
+    return stall.out_of_iterations(best, max_iter, allowed)
