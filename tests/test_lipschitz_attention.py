@@ -226,3 +226,26 @@ def test_certified_switch_and_bound_independent_of_n():
     assert branch.lipschitz_bound((4, 4, 4)) == branch.lipschitz_bound((4, 64, 64))
     with pytest.raises(ValueError, match="unknown paper kind"):
         CertifiedPaperAttention(4, "external")
+
+
+@pytest.mark.parametrize("certified", [False, True])
+@pytest.mark.parametrize("kind", PAPER_KINDS)
+def test_paper_kinds_forward_equals_their_attention_map_applied_to_the_values(kind, certified):
+    """forward normalises after the product with the values (and the exponential kinds
+    shift their logits): the same output and input gradient as applying the normalised
+    attention map, float64."""
+    branch = invertible_attention(kind, 8, certified=certified).branch.double()
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=True)
+    t = x.flatten(2).transpose(1, 2)
+    if certified:
+        mixed = branch.attention_map(x) @ branch.value(torch.tanh(t))
+        reference = branch._output(mixed, x)
+    else:
+        mixed = branch.attention_map(x).transpose(1, 2) @ branch.value(t)
+        reference = branch.out(mixed).transpose(1, 2).reshape(x.shape)
+    out = branch(x)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    (grad_ref,) = torch.autograd.grad((reference * weights).sum(), x)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-12)
