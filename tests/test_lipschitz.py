@@ -1,4 +1,6 @@
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,3 +110,29 @@ def test_spectral_norm_value_and_gradient_match_the_svd(shape):
     (grad_ref,) = torch.autograd.grad(reference, weight)
     torch.testing.assert_close(spectral_norm(weight), reference, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_bounds_are_the_same_after_set_num_threads():
+    """torch.set_num_threads breaks MKL's batched LU in torch 2.15 (docs/guide.md, Known
+    problems); the certificates use Hermitian eigensolves and must not change beyond
+    rounding. Each run is
+    a fresh process, since the call changes the whole process."""
+    code = (
+        "import sys, torch\n"
+        "if sys.argv[1] == 'set': torch.set_num_threads(2)\n"
+        "from flowattn.lipschitz import conv_spectral_upper_bound, spectral_norm\n"
+        "torch.manual_seed(0)\n"
+        "for shape, size in [((64, 12, 3, 3), 16), ((12, 64, 3, 3), 16), ((96, 48, 3, 3), 4)]:\n"
+        "    w = torch.randn(shape, dtype=torch.float64)\n"
+        "    print(float(conv_spectral_upper_bound(w, (size, size))).hex())\n"
+        "print(float(spectral_norm(torch.randn(256, 256, dtype=torch.float64))).hex())\n"
+    )
+    outputs = []
+    for mode in ("unset", "set"):
+        done = subprocess.run(
+            [sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append([float.fromhex(v) for v in done.stdout.split()])
+    # the thread count may change a product's summation order: the last bit, no more
+    assert len(outputs[0]) == 4 and outputs[0] == pytest.approx(outputs[1], rel=1e-12)

@@ -5,7 +5,7 @@ with 3x3, 1x1 and 3x3 convolutions and a 1-Lipschitz activation :math:`\sigma`
 (ELU, or LipSwish as in Residual Flows). Each convolution is rescaled so that a
 *proven* upper bound on its spectral norm is at most :math:`c^{1/3}`; the branch is
 then certified :math:`\mathrm{Lip}_2(g) \le c`. The bound of a 3x3 convolution comes
-from the FFT of its kernel on the zero-padded grid
+from the DFT of its kernel on the zero-padded grid
 (:func:`~flowattn.lipschitz.conv_spectral_upper_bound`), exact for the 1x1 map;
 i-ResNet's power iteration under-estimates the norm and is not used. The bound depends
 on the image size, so the rescaling is computed for the size of each input.
