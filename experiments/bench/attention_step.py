@@ -29,11 +29,15 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from measure import median_ratio_ci, peak_rss_rise_mib, return_freed_memory_to_the_os
+from measure import (
+    interleaved_times,
+    median_ratio_ci,
+    peak_rss_rise_mib,
+    return_freed_memory_to_the_os,
+)
 
 from flowattn import invertible_attention
 from flowattn.transforms import KINDS, PAPER_KINDS
@@ -76,11 +80,6 @@ def paper_step(step, x: torch.Tensor) -> None:
     step.zero_grad(set_to_none=True)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_kind(args, kind: str) -> dict[str, list[float]]:
     """Seconds per step of each version of ``kind``, interleaved step by step."""
     torch.manual_seed(0)
@@ -94,19 +93,10 @@ def time_kind(args, kind: str) -> dict[str, list[float]]:
     if args.reference and kind in PAPER_KINDS:
         paper = make_paper_step(args, kind)
         steps["paper"] = lambda: paper_step(paper, x)
-    names = list(steps)
-    for _ in range(args.warmup):
-        for name in names:
-            steps[name]()
-    times = {name: [] for name in names}
-    for rep in range(args.steps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            sync(args.device)
-            start = time.perf_counter()
-            steps[name]()
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
-    return times
+    cuda = args.device.startswith("cuda")
+    return interleaved_times(
+        steps, args.steps, warmup=args.warmup, sync=torch.cuda.synchronize if cuda else None
+    )
 
 
 def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> float:

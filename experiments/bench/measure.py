@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import random
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
 
@@ -48,3 +49,31 @@ def median_ratio_ci(
     rng = random.Random(seed)
     boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
     return statistics.median(ratios), boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], object]],
+    reps: int,
+    *,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of ``reps`` calls of each step, interleaved call by call in this process
+    (the order reversed every other round, so neither always runs first), after
+    ``warmup`` untimed rounds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each
+    clock reading, so asynchronous work is counted in its own step."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            steps[name]()
+            if sync is not None:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from measure import median_ratio_ci
+from measure import interleaved_times, median_ratio_ci
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
@@ -97,15 +97,8 @@ def interleaved(model, n: int, reps: int) -> tuple[list[float], list[float]]:
         "with": lambda: model.sample_and_log_prob(n),
         "without": lambda: model.sample(n),
     }
-    times: dict[str, list[float]] = {"with": [], "without": []}
-    for name in calls:
-        calls[name]()
-    for rep in range(max(reps, 5)):
-        for name in ("with", "without") if rep % 2 == 0 else ("without", "with"):
-            start = time.perf_counter()
-            with torch.no_grad():
-                calls[name]()
-            times[name].append(time.perf_counter() - start)
+    with torch.no_grad():
+        times = interleaved_times(calls, max(reps, 5), warmup=1)
     return times["with"], times["without"]
 
 

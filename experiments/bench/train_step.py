@@ -33,11 +33,15 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from measure import median_ratio_ci, peak_rss_rise_mib, return_freed_memory_to_the_os
+from measure import (
+    interleaved_times,
+    median_ratio_ci,
+    peak_rss_rise_mib,
+    return_freed_memory_to_the_os,
+)
 
 from flowattn.models import build_model
 
@@ -137,16 +141,7 @@ def steppers(setting: str, args) -> dict:
 
 def time_setting(setting: str, args) -> dict:
     steps, sizes = steppers(setting, args)
-    names = list(steps)
-    for _ in range(args.warmup):
-        for name in names:
-            steps[name]()
-    times = {name: [] for name in names}
-    for rep in range(args.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(steps, args.reps, warmup=args.warmup)
     return {"times": times, "sizes": sizes}
 
 
