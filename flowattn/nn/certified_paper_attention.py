@@ -45,11 +45,11 @@ from torch import Tensor, nn
 
 from ..lipschitz import inf_norm
 from .lipschitz_attention import (
+    EXPONENTIAL_KINDS,
     PAPER_KINDS,
     BoundedOutputBranch,
-    _elu_in_place,
     _mix_and_total,
-    _shifted_exp,
+    _paper_similarities,
 )
 
 
@@ -119,15 +119,10 @@ class CertifiedPaperAttention(BoundedOutputBranch):
     def _energies(self, u: Tensor) -> tuple[Tensor, bool]:
         """Unnormalised responses (B, N_out, N_in) of the squashed tokens u (B, N, C), and
         whether they are divided by their row sums (softmax) rather than by N."""
-        if self.kind == "gaussian":
-            return _shifted_exp(u @ u.transpose(1, 2)), True
-        theta, phi = self.theta(u), self.phi(u)
-        if self.kind == "embedded_gaussian":
-            return _shifted_exp(phi @ theta.transpose(1, 2)), True
-        if self.kind == "dot":
-            return _elu_in_place(phi @ theta.transpose(1, 2)), False
-        w_t, w_p = self.concat.weight[0].split(theta.shape[-1])
-        return _elu_in_place((phi @ w_p)[:, :, None] + (theta @ w_t)[:, None, :]), False
+        concat = self.concat.weight if self.kind == "concat" else None
+        theta, phi = getattr(self, "theta", None), getattr(self, "phi", None)
+        energy = _paper_similarities(self.kind, u, theta, phi, concat)
+        return energy, self.kind in EXPONENTIAL_KINDS
 
     def forward(self, x: Tensor) -> Tensor:
         u = torch.tanh(self._check(x))  # (B, N, C)

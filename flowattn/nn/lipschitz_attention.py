@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..lipschitz import ConstrainedLinear, SpectralRescale, inf_norm, jacobian_spectral_norm
 
 PAPER_KINDS = ("gaussian", "embedded_gaussian", "dot", "concat")
+EXPONENTIAL_KINDS = ("gaussian", "embedded_gaussian")  # normalised by their sums as a softmax
 CERTIFIED_KINDS = ("external", "l2")
 KINDS = PAPER_KINDS + CERTIFIED_KINDS
 
@@ -75,6 +76,31 @@ def _elu_in_place(similarity: Tensor) -> Tensor:
     through the exponential of its input, which makes every term of the series cheaper.
     The similarity must not be needed by anything else's backward."""
     return F.elu(similarity, inplace=True)
+
+
+def _paper_similarities(
+    kind: str,
+    tokens: Tensor,
+    theta: nn.Module | None = None,
+    phi: nn.Module | None = None,
+    concat_weight: Tensor | None = None,
+) -> Tensor:
+    r"""Unnormalised similarities (B, N_out, N_in) of the paper's kinds between tokens
+    (B, N, C), output pixel j against source pixel i: :math:`\exp(t_j^\top t_i)`
+    (``gaussian``), :math:`\exp(\phi_j^\top \theta_i)` (``embedded_gaussian``), both
+    with each row's largest logit subtracted (a constant of the normalisation, against
+    overflow); :math:`\mathrm{ELU}(\phi_j^\top \theta_i)` (``dot``) and
+    :math:`\mathrm{ELU}(w_\phi^\top \phi_j + w_\theta^\top \theta_i)` (``concat``,
+    ``concat_weight`` (1, 2 C') holding :math:`[w_\theta; w_\phi]`)."""
+    if kind == "gaussian":
+        return _shifted_exp(tokens @ tokens.transpose(1, 2))
+    q, k = theta(tokens), phi(tokens)
+    if kind == "embedded_gaussian":
+        return _shifted_exp(k @ q.transpose(1, 2))
+    if kind == "dot":
+        return _elu_in_place(k @ q.transpose(1, 2))
+    w_q, w_k = concat_weight[0].split(q.shape[-1])
+    return _elu_in_place((k @ w_k)[:, :, None] + (q @ w_q)[:, None, :])
 
 
 def _mix_and_total(energy: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,19 +212,10 @@ class PaperAttention(AttentionBranch):
         return (energy / (1.5 * energy.sum(dim=-1, keepdim=True))).transpose(1, 2)
 
     def _energies(self, x: Tensor) -> Tensor:
-        """Unnormalised :math:`e_{ij}` laid out as (B, N_j, N_i). The exponential kinds
-        subtract each output pixel's largest logit first (a constant of the
-        normalisation, so the attention is unchanged) to avoid overflow."""
-        t = self._check(x)
-        if self.kind == "gaussian":
-            return _shifted_exp(t @ t.transpose(1, 2))
-        q, k = self.theta(t), self.phi(t)
-        if self.kind == "embedded_gaussian":
-            return _shifted_exp(k @ q.transpose(1, 2))
-        if self.kind == "dot":
-            return _elu_in_place(k @ q.transpose(1, 2))
-        w_q, w_k = self.concat.constrained_weight()[0].split(q.shape[-1])
-        return _elu_in_place((k @ w_k)[:, :, None] + (q @ w_q)[:, None, :])
+        """Unnormalised :math:`e_{ij}` laid out as (B, N_j, N_i)."""
+        concat = self.concat.constrained_weight() if self.kind == "concat" else None
+        theta, phi = getattr(self, "theta", None), getattr(self, "phi", None)
+        return _paper_similarities(self.kind, self._check(x), theta, phi, concat)
 
     def forward(self, x: Tensor) -> Tensor:
         # sum_i a_ij V x_i computed as (sum_i e_ij V x_i) / (1.5 sum_i e_ij): the
