@@ -109,10 +109,10 @@ def _measure(fx: Tensor, x: Tensor, allowed: Tensor) -> tuple[bool, float, Tenso
 def _report(gap: Tensor, allowed: Tensor) -> tuple[float, float]:
     """(gap, tolerance) reported for an iterate: the largest gap when every element is
     within its tolerance, else the element furthest over its tolerance."""
-    worst = int(torch.argmax(gap - allowed))
-    if float(gap.flatten()[worst]) > float(allowed.flatten()[worst]):
-        return float(gap.flatten()[worst]), float(allowed.flatten()[worst])
-    worst = int(torch.argmax(gap))
+    over = gap - allowed
+    worst = int(torch.argmax(over))
+    if float(over.flatten()[worst]) <= 0:  # every element within its tolerance
+        worst = int(torch.argmax(gap))
     return float(gap.flatten()[worst]), float(allowed.flatten()[worst])
 
 
