@@ -288,13 +288,14 @@ def conv_spectral_upper_bound(weight: Tensor, spatial: tuple[int, int]) -> Tenso
     with torch.no_grad():
         # Squared singular values are the eigenvalues of the smaller Gram matrix: one
         # Hermitian eigensolve per frequency (direct, in float64) instead of an SVD.
-        top = torch.linalg.eigvalsh(_frequency_grams(weight.detach().double(), phases))[:, -1]
-        worst = int(top.argmax())
+        tops = torch.linalg.eigvalsh(_frequency_grams(weight.detach().double(), phases))[:, -1]
+        top, worst = tops.max(dim=0)  # tensors: no host sync on an accelerator
     # Only the worst frequency carries a gradient (the max's subgradient): its block is
     # the kernel's DFT at that frequency, computed directly from the k x k taps.
     complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    block = weight.flatten(2).to(complex_dtype) @ phases[worst].conj().to(complex_dtype)
-    return _largest_singular_value(block, top[worst]).to(weight.dtype)
+    phase = phases.index_select(0, worst.reshape(1))[0]
+    block = weight.flatten(2).to(complex_dtype) @ phase.conj().to(complex_dtype)
+    return _largest_singular_value(block, top).to(weight.dtype)
 
 
 def _tap_phases(k: int, grid: tuple[int, int], device: torch.device) -> Tensor:
