@@ -72,30 +72,40 @@ def _noise_floor(y: Tensor) -> float:
     return 64.0 * torch.finfo(y.dtype).eps * (1.0 + float(y.abs().max()))
 
 
-class _Stall:
-    """Detects a residual that has stopped shrinking at rounding level."""
+class _Progress:
+    """What a solve has reached so far: its best iterate, and whether its residual has
+    stopped shrinking at rounding level. :meth:`update` ends the solve, converged
+    (after polishing) or stalled, or returns None to go on."""
 
-    def __init__(self, y: Tensor):
+    def __init__(self, step: Callable[[Tensor], Tensor], y: Tensor, allowed: Tensor, max_iter: int):
+        self.step, self.allowed, self.max_iter = step, allowed, max_iter
         self.floor = _noise_floor(y)
-        self.best = math.inf
-        self.since = 0
+        self.best: tuple[Tensor, float, Tensor] | None = None  # (iterate, residual, gaps)
+        self.least = math.inf  # the smallest residual that was a 0.1% gain
+        self.since = 0  # iterations since that gain
 
-    def stalled(self, residual: float) -> bool:
-        if residual < self.best * (1 - 1e-3):
-            self.best, self.since = residual, 0
+    def update(self, x: Tensor, fx: Tensor, it: int) -> FixedPointResult | None:
+        """Takes the map's value ``fx`` at the iterate ``x`` (the ``it``-th evaluation)."""
+        converged, residual, gap = _measure(fx, x, self.allowed)
+        if self.best is None or residual < self.best[1]:
+            self.best = (x, residual, gap)
+        if converged:
+            return _polish(self.step, x, fx, self.allowed, it, residual, gap, self.max_iter)
+        if residual < self.least * (1 - 1e-3):
+            self.least, self.since = residual, 0
         else:
             self.since += 1
-        return self.since >= STALL_PATIENCE and self.best <= self.floor
+        if self.since >= STALL_PATIENCE and self.least <= self.floor:
+            return FixedPointResult(self.best[0], it, self.best[1], self.floor, True)
+        return None
 
-    def out_of_iterations(
-        self, best: tuple[Tensor, float, Tensor], max_iter: int, allowed: Tensor
-    ) -> FixedPointResult:
+    def out_of_iterations(self) -> FixedPointResult:
         """The result when ``max_iter`` is spent: converged if the best residual is at
         rounding level (below the floor), as a stall there would have concluded."""
-        x, residual, gap = best
+        x, residual, gap = self.best
         if residual <= self.floor:
-            return FixedPointResult(x, max_iter, residual, self.floor, True)
-        return FixedPointResult(x, max_iter, *_report(gap, allowed), False)
+            return FixedPointResult(x, self.max_iter, residual, self.floor, True)
+        return FixedPointResult(x, self.max_iter, *_report(gap, self.allowed), False)
 
 
 def _measure(fx: Tensor, x: Tensor, allowed: Tensor) -> tuple[bool, float, Tensor]:
@@ -176,19 +186,13 @@ def solve_fixed_point(
 
 
 def _banach(step, x, y, allowed, max_iter) -> FixedPointResult:
-    best = None
-    stall = _Stall(y)
+    progress = _Progress(step, y, allowed, max_iter)
     for it in range(1, max_iter + 1):
         fx = step(x)
-        converged, residual, gap = _measure(fx, x, allowed)
-        if best is None or residual < best[1]:
-            best = (x, residual, gap)
-        if converged:
-            return _polish(step, x, fx, allowed, it, residual, gap, max_iter)
-        if stall.stalled(residual):
-            return FixedPointResult(best[0], it, best[1], stall.floor, True)
+        if (done := progress.update(x, fx, it)) is not None:
+            return done
         x = fx
-    return stall.out_of_iterations(best, max_iter, allowed)
+    return progress.out_of_iterations()
 
 
 def _polish(step, x, fx, allowed, it, residual, gap, max_iter) -> FixedPointResult:
@@ -219,17 +223,11 @@ def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
     xs = torch.zeros_like(fs) if beta != 1.0 else None
     gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
     eye = torch.eye(m, dtype=torch.float64, device=x.device)
-    best = None
-    stall = _Stall(y)
+    progress = _Progress(step, y, allowed, max_iter)
     for it in range(1, max_iter + 1):
         fx = step(x)
-        converged, residual, gap = _measure(fx, x, allowed)
-        if best is None or residual < best[1]:
-            best = (x, residual, gap)
-        if converged:
-            return _polish(step, x, fx, allowed, it, residual, gap, max_iter)
-        if stall.stalled(residual):
-            return FixedPointResult(best[0], it, best[1], stall.floor, True)
+        if (done := progress.update(x, fx, it)) is not None:
+            return done
         slot, n = (it - 1) % m, min(it, m)
         fs[:, slot] = fx.reshape(b, -1)
         torch.sub(fx.reshape(b, -1), x.reshape(b, -1), out=gaps[:, slot])
@@ -258,4 +256,4 @@ def _anderson(step, x, y, allowed, max_iter, m, beta, lam) -> FixedPointResult:
         if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
             mixed = fx.reshape(b, -1)
         x = mixed.reshape(x.shape)
-    return stall.out_of_iterations(best, max_iter, allowed)
+    return progress.out_of_iterations()
