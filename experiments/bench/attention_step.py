@@ -6,8 +6,12 @@ Schwartz-Zha/InvertibleAttention, never copied here), of the paper's own step
 (``inv_attention.InvAttention_<kind>``: its power series with create_graph, its soft
 spectral normalisation), interleaved step by step in one process (order alternating,
 warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
-interval. Then the peak memory of a step at 5, 10 and 20 series terms with the plain
-backward and with the memory-efficient backward (Neumann gradient).
+interval; beside them, each version's median minor page faults and system CPU seconds
+per step (on CPU, large temporaries that the allocator takes fresh from the OS on every
+step cost system time, and how often that happens drifts with the process's allocator
+state, which moves the ratios between runs). Then the peak memory of a step at 5, 10
+and 20 series terms with the plain backward and with the memory-efficient backward
+(Neumann gradient).
 
 Peak memory is the rise of memory in use during one step, after a warm-up step: on
 CPU the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``,
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 from measure import (
+    KernelWork,
     interleaved_times,
     median_ratio_ci,
     peak_rss_rise_mib,
@@ -80,8 +85,9 @@ def paper_step(step, x: torch.Tensor) -> None:
     step.zero_grad(set_to_none=True)
 
 
-def time_kind(args, kind: str) -> dict[str, list[float]]:
-    """Seconds per step of each version of ``kind``, interleaved step by step."""
+def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork]:
+    """Seconds per step of each version of ``kind``, interleaved step by step, and the
+    page faults and system time of each step."""
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device) * 0.5
     steps = {}
@@ -93,10 +99,13 @@ def time_kind(args, kind: str) -> dict[str, list[float]]:
     if args.reference and kind in PAPER_KINDS:
         paper = make_paper_step(args, kind)
         steps["paper"] = lambda: paper_step(paper, x)
+    kernel = KernelWork()
+    steps = {name: kernel.wrap(name, step) for name, step in steps.items()}
     cuda = args.device.startswith("cuda")
-    return interleaved_times(
+    times = interleaved_times(
         steps, args.steps, warmup=args.warmup, sync=torch.cuda.synchronize if cuda else None
     )
+    return times, kernel
 
 
 def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> float:
@@ -163,14 +172,21 @@ def main() -> None:
         f"device {args.device}, torch {torch.__version__}; {args.steps} interleaved steps "
         f"per version after {args.warmup} warm-up steps"
     )
-    print(f"{'kind':<18} {'version':<10} {'s/step':>8}  paper / this (95% CI)")
+    print(f"{'kind':<18} {'version':<10} {'s/step':>8} {'faults':>7} {'system s':>9}  "
+          "paper / this (95% CI)")  # fmt: skip
     for kind in args.kinds:
-        times = time_kind(args, kind)
+        times, kernel = time_kind(args, kind)
         for name, values in times.items():
             ratio = ""
             if "paper" in times and name != "paper":
                 ratio = "{:.2f}x ({:.2f}-{:.2f})".format(*median_ratio_ci(times["paper"], values))
-            print(f"{kind:<18} {name:<10} {statistics.median(values):>8.4f}  {ratio}", flush=True)
+            faults = statistics.median(kernel.faults[name])
+            system = statistics.median(kernel.system_seconds[name])
+            print(
+                f"{kind:<18} {name:<10} {statistics.median(values):>8.4f} {faults:>7.0f} "
+                f"{system:>9.3f}  {ratio}",
+                flush=True,
+            )
     if args.no_memory:
         return
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -77,3 +78,27 @@ def interleaved_times(
                 sync()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+class KernelWork:
+    """Records, per call of the steps it wraps, the minor page faults (first touches of
+    memory the allocator took fresh from the OS, which the kernel zero-fills) and the
+    system CPU seconds. On CPU, a step whose large temporaries are served afresh on
+    every call pays for them there, and how often that happens depends on the process's
+    allocator state, which drifts: these explain timings that move between runs."""
+
+    def __init__(self) -> None:
+        self.faults: dict[str, list[int]] = {}
+        self.system_seconds: dict[str, list[float]] = {}
+
+    def wrap(self, name: str, step: Callable[[], object]) -> Callable[[], None]:
+        self.faults[name], self.system_seconds[name] = [], []
+
+        def call() -> None:
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            step()
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            self.faults[name].append(after.ru_minflt - before.ru_minflt)
+            self.system_seconds[name].append(after.ru_stime - before.ru_stime)
+
+        return call
