@@ -508,7 +508,7 @@ class RussianRouletteLogDet(_SeriesLogDet):
         n = int(counts.max())
         k = torch.arange(1, n + 1)
         inverse_survival = torch.tensor(
-            [1.0 / self.survival(j - self.n_exact) for j in range(1, n + 1)], dtype=torch.float64
+            [1.0 / self.survival(j - self.n_exact) for j in k.tolist()], dtype=torch.float64
         )
         keep = k[:, None] <= counts[None, :]
         return torch.where(keep, inverse_survival[:, None], 0.0)
