@@ -51,3 +51,53 @@ def test_a_solve_out_of_iterations_at_rounding_level_counts_as_converged(solver,
     torch.testing.assert_close(done.solution, y / 1.5, rtol=0, atol=1e-12)
     early = solve_fixed_point(noisy, y, solver="banach", max_iter=10)
     assert not early.converged and early.residual > floor
+
+
+class _Cancelling:
+    """g(x) = (x - 18) / 2 with rounding-like noise of relative size 5e-8 (float32): for
+    y = 0 the solution is x = 6, where g nearly cancels x; the float32 spacing there
+    (4.8e-7) is twice the tolerance atol + rtol |y| = 2.4e-7 measured against y alone, so
+    only a gap of exactly 0 in every element would meet that."""
+
+    def __call__(self, x):
+        return 0.5 * (x - 18) * (1 + 5e-8 * torch.randn_like(x))
+
+
+@pytest.mark.parametrize("solver", ["banach", "anderson"])
+def test_the_relative_tolerance_counts_the_solution_itself(solver):
+    torch.manual_seed(0)
+    y = torch.zeros(3, 4)
+    eps = 2 * torch.finfo(torch.float32).eps
+    result = solve_fixed_point(_Cancelling(), y, solver=solver)
+    assert result.converged
+    # converged on its own tolerance, atol + rtol * |x| at x = 6, not by stalling at the
+    # rounding floor 64 eps (1 + max|y|)
+    assert result.tolerance == pytest.approx(eps + eps * 6, rel=1e-3)
+    assert result.residual <= result.tolerance
+    assert (result.solution - 6).abs().max() <= 4 * eps * 6
+
+
+@pytest.mark.parametrize("solver", ["banach", "anderson"])
+def test_a_converged_solution_is_within_its_tolerance(solver):
+    """On a contraction in float64: the reported residual is |T(x) - x| at the returned
+    iterate, within its reported tolerance, and the error is at most residual / (1 - L)."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    a *= 0.8 / torch.linalg.matrix_norm(a, 2)  # Lip(g) = 0.8 in l2
+
+    def g(x):
+        return torch.tanh(x @ a.T)
+
+    y = torch.randn(5, 6, dtype=torch.float64)
+    result = solve_fixed_point(g, y, solver=solver)
+    x = result.solution
+    gap = (y - g(x) - x).abs()
+    assert result.converged and result.residual == pytest.approx(float(gap.max()))
+    eps = 2 * torch.finfo(torch.float64).eps
+    assert (gap <= eps + eps * torch.maximum(x.abs(), y.abs())).all()
+    # the exact fixed point, by many plain steps
+    exact = y.clone()
+    for _ in range(400):
+        exact = y - g(exact)
+    error = torch.linalg.vector_norm(x - exact, dim=1).max()
+    assert error <= torch.linalg.vector_norm(y - g(x) - x, dim=1).max() / (1 - 0.8) + 1e-14

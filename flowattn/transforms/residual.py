@@ -38,7 +38,7 @@ class ResidualTransform(Transform):
 
     ``forward`` maps data to noise and returns ``(y, logabsdet)`` with ``logabsdet``
     of shape (B,) from the chosen log-det estimator. ``inverse`` solves the fixed
-    point :math:`x = y - g(x)` (Banach or Anderson) to ``atol + rtol |y|`` per element,
+    point :math:`x = y - g(x)` (Banach or Anderson) to ``atol + rtol max(|x|, |y|)`` per element,
     records how it converged in :attr:`last_inverse`, and warns
     (:class:`ConvergenceWarning`, with the residual reached) or, with ``strict=True``,
     raises :class:`ConvergenceError` when it does not converge. The last forward's
@@ -52,7 +52,7 @@ class ResidualTransform(Transform):
             series, one Rademacher probe).
         solver: ``"anderson"`` (default) or ``"banach"``.
         atol: Absolute inverse tolerance; default a few machine epsilons of the dtype.
-        rtol: Relative inverse tolerance (times ``|y|``); default as ``atol``.
+        rtol: Relative inverse tolerance (times ``max(|x|, |y|)``); default as ``atol``.
         max_iter: Largest number of fixed-point iterations.
         strict: Raise instead of warning when the inverse does not converge.
         input_shape: Shape of one input (e.g. (C, H, W)), for the certificate of branches
