@@ -88,31 +88,34 @@ class _Tolerance:
     element-wise test runs only when they allow convergence."""
 
     def __init__(self, y: Tensor, atol: float, rtol: float):
-        self.y, self.atol, self.rtol = y, atol, rtol
+        self.atol, self.rtol = atol, rtol
+        self.y_abs = y.abs()
         self.y_max = _abs_max(y)
 
     def allowed(self, x: Tensor) -> Tensor:
-        return self.atol + self.rtol * torch.maximum(x.abs(), self.y.abs())
+        return torch.maximum(x.abs(), self.y_abs).mul_(self.rtol).add_(self.atol)
 
     def check(self, x: Tensor, gap: Tensor) -> tuple[bool, float]:
         """(converged, the largest |gap|) of iterate x, whose map value is x + gap."""
         residual = _abs_max(gap)
         if residual <= self.atol:
             return True, residual
-        x_max = _abs_max(x)
-        if residual > self.atol + self.rtol * max(x_max, self.y_max):
+        if residual > self.atol + self.rtol * max(_abs_max(x), self.y_max):
             return False, residual
         return bool((gap.abs() <= self.allowed(x)).all()), residual
 
-    def report(self, x: Tensor, gap: Tensor) -> tuple[float, float]:
+    def report(self, x: Tensor, gap: Tensor, converged: bool) -> tuple[float, float]:
         """(gap, tolerance) reported for an iterate: the largest gap when every element
         is within its tolerance, else the element furthest over its tolerance."""
-        size, allowed = gap.abs().flatten(), self.allowed(x).flatten()
-        over = size - allowed
-        worst = int(torch.argmax(over))
-        if float(over[worst]) <= 0:  # every element within its tolerance
-            worst = int(torch.argmax(size))
-        return float(size[worst]), float(allowed[worst])
+        size = gap.abs().flatten()
+        if not converged:
+            allowed = self.allowed(x).flatten()
+            worst = int(torch.argmax(size - allowed))
+            if float(size[worst]) > float(allowed[worst]):
+                return float(size[worst]), float(allowed[worst])
+        worst = int(torch.argmax(size))
+        bigger = max(abs(float(x.flatten()[worst])), float(self.y_abs.flatten()[worst]))
+        return float(size[worst]), self.atol + self.rtol * bigger
 
 
 class _Progress:
@@ -122,7 +125,7 @@ class _Progress:
 
     def __init__(self, tolerance: _Tolerance, max_iter: int):
         self.tolerance, self.max_iter = tolerance, max_iter
-        self.floor = _noise_floor(tolerance.y_max, tolerance.y.dtype)
+        self.floor = _noise_floor(tolerance.y_max, tolerance.y_abs.dtype)
         self.best: tuple[Tensor, Tensor, float] | None = None  # (iterate, its value, residual)
         self.least = math.inf  # the smallest residual that was a 0.1% gain
         self.since = 0  # iterations since that gain
@@ -134,7 +137,7 @@ class _Progress:
         if self.best is None or residual < self.best[2]:
             self.best = (x, fx, residual)
         if converged:
-            return FixedPointResult(x, it, *self.tolerance.report(x, gap), True)
+            return FixedPointResult(x, it, *self.tolerance.report(x, gap, True), True)
         if residual < self.least * (1 - 1e-3):
             self.least, self.since = residual, 0
         else:
@@ -149,7 +152,7 @@ class _Progress:
         x, fx, residual = self.best
         if residual <= self.floor:
             return FixedPointResult(x, self.max_iter, residual, self.floor, True)
-        return FixedPointResult(x, self.max_iter, *self.tolerance.report(x, fx - x), False)
+        return FixedPointResult(x, self.max_iter, *self.tolerance.report(x, fx - x, False), False)
 
 
 @torch.no_grad()

@@ -13,9 +13,16 @@ ratio with a bootstrap 95% interval), ``sample`` with nflows' ``sample_and_log_p
 which draws the same way through the same inverse but also estimates every residual
 step's log-det: what skipping those estimates buys.
 
+With ``--baseline PATH`` (a checkout of an older flowattn, e.g. ``git worktree add
+/tmp/filed bf3fa98``, the code when the speed issue was filed), a second table compares
+with that code in this process: the same weights loaded into the baseline's model of the
+preset, ``sample`` (same seeds) and ``reconstruct`` calls interleaved, and the median
+ratio baseline / this with its bootstrap 95% interval: the speed-up.
+
 Usage:
     python experiments/bench/sampling.py
     python experiments/bench/sampling.py --presets iresnet glow --n 256 --threads 2
+    python experiments/bench/sampling.py --baseline /tmp/filed --presets iresnet resflow
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from importlib import import_module
 from pathlib import Path
 
 import torch
+from baseline import import_baseline
 from measure import interleaved_times, median_ratio_ci
 
 from flowattn.data import load_dataset, stack_images
@@ -55,7 +64,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps first")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", help="checkout of an older flowattn to compare with")
     args = parser.parse_args()
+    baseline = None if args.baseline is None else import_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     x_train = stack_images(load_dataset(args.dataset, "train"), 512)
     x_test = stack_images(load_dataset(args.dataset, "test"), args.n)
@@ -68,11 +79,13 @@ def main() -> None:
     print(f"{'preset':<14} {'sample img/s':>13} {'reconstruct img/s':>18} "
           f"{'iterations per step':>22} {'max error (levels)':>19} "
           f"{'with / without log-dets':>22}")  # fmt: skip
+    models = {}
     for preset in args.presets:
         torch.manual_seed(0)
         model = build_model(preset, image_shape=shape, size="tiny")
         Trainer(model, x_train, batch_size=32, lr=1e-3, warmup=1).run(args.steps, progress=False)
         model.eval()
+        models[preset] = model
         torch.manual_seed(1)
         sample_s, _ = timed(lambda m=model: m.sample(args.n), args.reps)
         recon_s, x_hat = timed(lambda m=model: m.reconstruct(x_test), args.reps)
@@ -88,6 +101,53 @@ def main() -> None:
             f"{error:>19} {ratio:>22}",
             flush=True,
         )
+    if baseline is not None:
+        print(f"\nagainst {args.baseline} (median of {max(args.reps, 5)} interleaved calls each)")
+        print(f"{'preset':<14} {'sample: baseline / this':>26} "
+              f"{'reconstruct: baseline / this':>30} {'baseline iterations':>20}")  # fmt: skip
+        for preset, model in models.items():
+            old = baseline_model(baseline, preset, model, shape)
+            sample, recon, iterations = against_baseline(model, old, x_test, args.n, args.reps)
+            print(f"{preset:<14} {sample:>26} {recon:>30} {iterations:>20}", flush=True)
+
+
+def baseline_model(baseline, preset: str, model, shape: tuple[int, ...]):
+    """The baseline package's model of ``preset`` with ``model``'s weights."""
+    old = import_module(f"{baseline.__name__}.models").build_model(
+        preset, image_shape=shape, size="tiny"
+    )
+    try:
+        old.load_state_dict(model.state_dict())
+    except RuntimeError as error:
+        message = f"the baseline's {preset} model does not take these weights: {error}"
+        raise SystemExit(message) from error
+    return old.eval()
+
+
+def against_baseline(model, old, x_test, n: int, reps: int) -> tuple[str, str, str]:
+    """Interleaved sample and reconstruct calls of the two models (the same seed for each
+    pair of samples): the median ratios baseline / this with 95% intervals, and the
+    baseline's iterations per residual step."""
+    seeds = {"this": 0, "baseline": 0}
+
+    def sampler(name: str, m):
+        def call():
+            seeds[name] += 1
+            torch.manual_seed(seeds[name])
+            return m.sample(n)
+
+        return call
+
+    reps = max(reps, 5)
+    times = interleaved_times(
+        {"this": sampler("this", model), "baseline": sampler("baseline", old)}, reps
+    )
+    sample = "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(times["baseline"], times["this"]))
+    calls = {"this": lambda: model.reconstruct(x_test), "baseline": lambda: old.reconstruct(x_test)}
+    times = interleaved_times(calls, reps)
+    recon = "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(times["baseline"], times["this"]))
+    iterations = [step.last_inverse.iterations for _, step in old.residual_steps()]
+    return sample, recon, ",".join(map(str, iterations)) or "-"
 
 
 def interleaved(model, n: int, reps: int) -> tuple[list[float], list[float]]:

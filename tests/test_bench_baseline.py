@@ -1,0 +1,49 @@
+"""experiments/bench/baseline.py: an older flowattn imported beside this one."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "bench"))
+
+from baseline import import_baseline  # noqa: E402
+
+import flowattn  # noqa: E402
+
+
+def test_an_older_checkout_imports_as_its_own_package(tmp_path):
+    """A checkout of this repository at HEAD (a real git checkout), whose shim modules
+    use absolute ``flowattn`` imports, loads as a separate package: its modules are its
+    own objects, not this package's."""
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(checkout)],
+                   check=True, capture_output=True)  # fmt: skip
+    try:
+        old = import_baseline(checkout, name="flowattn_baseline_test")
+        from flowattn_baseline_test.models import build_model
+        from flowattn_baseline_test.transforms import iresnet  # absolute imports inside
+
+        assert old.__name__ == "flowattn_baseline_test" and old is not flowattn
+        assert build_model.__module__ == "flowattn_baseline_test.models"
+        assert iresnet.__name__.startswith("flowattn_baseline_test")
+        copy = Path(old.__file__).parent
+        loaded = {
+            name
+            for name, module in list(sys.modules.items())
+            if copy in Path(getattr(module, "__file__", None) or "/").parents
+        }
+        assert "flowattn_baseline_test.models" in loaded
+        assert all(name.split(".")[0] == "flowattn_baseline_test" for name in loaded), loaded
+        model = build_model("iresnet", image_shape=(3, 8, 8), size="tiny")
+        assert type(model).__module__.startswith("flowattn_baseline_test")
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(checkout)],
+                       check=True, capture_output=True)  # fmt: skip
+
+
+def test_a_directory_without_the_package_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no flowattn package"):
+        import_baseline(tmp_path)
