@@ -392,7 +392,13 @@ class DensityModel(Flow):
 
     def _log_prob(self, inputs: Tensor, context: Tensor | None) -> Tensor:
         inputs = self._check_images(inputs, uint8=False)
-        return super()._log_prob(inputs, context)
+        if not torch.is_grad_enabled():  # branches cache their certificates already
+            return super()._log_prob(inputs, context)
+        with contextlib.ExitStack() as stack:
+            # certificates first, while no activation is held (peak memory)
+            for _, step in self.residual_steps():
+                stack.enter_context(step.certified_once())
+            return super()._log_prob(inputs, context)
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:

@@ -114,3 +114,71 @@ def test_a_training_call_never_reads_a_value_back_to_the_host():
     with Record():
         g(x).square().sum().backward()
     assert reads == []
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_certified_once_gives_the_same_values_and_gradients(activation):
+    """Inside ``certified_once`` the weights computed on entry serve every call on that
+    size: outputs and parameter gradients equal those of a plain call (float64); other
+    sizes still compute their own certificate; after the block nothing is kept."""
+    torch.manual_seed(0)
+    g = ConvResidualBranch(3, hidden=6, coeff=0.9, activation=activation).double()
+    stress_weights(g, 5.0)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    other = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    plain = torch.autograd.grad(g(x).sin().sum(), list(g.parameters()))
+    plain_other = g(other)
+    with g.certified_once((5, 5)):
+        once = torch.autograd.grad(g(x).sin().sum(), list(g.parameters()))
+        torch.testing.assert_close(g(other), plain_other, rtol=0, atol=0)
+    for a, b in zip(plain, once, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert g._fixed is None
+
+
+def test_a_training_forward_certifies_before_the_flow_runs(monkeypatch):
+    """``DensityModel.log_prob`` with autograd certifies every branch's 3x3 convolutions
+    before the first branch runs (no activation is held yet), once each; the log-probs
+    and gradients equal those of branches that certify at each call, whose
+    certificates interleave with the flow."""
+    from flowattn import lipschitz
+    from flowattn.models import build_model
+    from flowattn.nn import conv_branch
+
+    torch.manual_seed(0)
+    model = build_model("iresnet", image_shape=(3, 8, 8), size="tiny", estimator="series")
+    branches = [m for m in model.modules() if isinstance(m, ConvResidualBranch)]
+    x = torch.rand(2, 3, 8, 8)
+    events = []
+
+    def certificate(weight, spatial):
+        events.append("certificate")
+        return lipschitz.conv_spectral_upper_bound(weight, spatial)
+
+    def forward(self, h):
+        events.append("branch")
+        return ConvResidualBranch.forward(self, h)
+
+    monkeypatch.setattr(conv_branch, "conv_spectral_upper_bound", certificate)
+    for branch in branches:
+        monkeypatch.setattr(branch, "forward", forward.__get__(branch))
+
+    def run():
+        events.clear()
+        torch.manual_seed(1)
+        log_prob = model.log_prob(x)
+        params = list(model.parameters())
+        return log_prob, torch.autograd.grad(log_prob.sum(), params, allow_unused=True)
+
+    log_prob, grads = run()
+    first_branch = events.index("branch")
+    assert events[:first_branch] == ["certificate"] * (2 * len(branches))
+    assert "certificate" not in events[first_branch:]
+    monkeypatch.setattr(ConvResidualBranch, "certified_once", None)  # certify per call
+    log_prob_plain, grads_plain = run()
+    assert "certificate" in events[events.index("branch") :]
+    torch.testing.assert_close(log_prob, log_prob_plain, rtol=0, atol=0)
+    for a, b in zip(grads, grads_plain, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -190,10 +190,12 @@ def main() -> None:
         result = time_setting(setting, args)
         times, sizes = result["times"], result["sizes"]
         print(f"\n({setting}) {SETTINGS[setting]}")
+        peaks = {}
         for name in times:
             memory = ""
             if not args.no_memory:
-                memory = f", peak memory {peak_memory_mib(setting, name, args):.0f} MiB"
+                peaks[name] = peak_memory_mib(setting, name, args)
+                memory = f", peak memory {peaks[name]:.1f} MiB"
             print(
                 f"  {name:<9} {sizes[name]:,} parameters: median step "
                 f"{statistics.median(times[name]):.3f} s{memory}"
@@ -201,6 +203,10 @@ def main() -> None:
         if "reference" in times:
             ratio, low, high = median_ratio_ci(times["flowattn"], times["reference"])
             print(f"  step time flowattn / reference: {ratio:.2f} (95% CI {low:.2f}-{high:.2f})")
+            if peaks:
+                difference = peaks["flowattn"] - peaks["reference"]
+                print(f"  peak memory flowattn - reference: {difference:+.2f} MiB (one fresh "
+                      "process each; --memory-child SETTING:NAME repeats one)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 __all__ = ["ACTIVATIONS", "ConvResidualBranch", "LipSwish"]
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -122,6 +125,7 @@ class ConvResidualBranch(nn.Module):
         )
         self.acts = nn.ModuleList([_activation(activation, c) for c in (channels, hidden, hidden)])
         self._cache: tuple[tuple, list[Tensor]] | None = None
+        self._fixed: tuple[tuple[int, int], list[Tensor]] | None = None  # (size, scales)
 
     def _norms(self, spatial: tuple[int, int]) -> list[Tensor]:
         norms = []
@@ -137,8 +141,10 @@ class ConvResidualBranch(nn.Module):
         target = self.coeff ** (1 / 3) * (1 - 1e-5)
         return [torch.clamp(target / n.clamp_min(1e-12), max=1.0) for n in norms]
 
-    def _rescaled(self, spatial: tuple[int, int]) -> list[Tensor]:
-        scales = self._scales(self._norms(spatial))
+    def _rescaled(
+        self, spatial: tuple[int, int], scales: list[Tensor] | None = None
+    ) -> list[Tensor]:
+        scales = self._scales(self._norms(spatial)) if scales is None else scales
         return [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,7 +165,28 @@ class ConvResidualBranch(nn.Module):
             h = F.conv2d(h, weight, conv.bias, padding=conv.padding)
         return h
 
+    @contextlib.contextmanager
+    def certified_once(self, spatial: tuple[int, int]) -> Iterator[None]:
+        """Within the block, calls on (H, W) = ``spatial`` images use the certificate
+        computed once, on entry (with autograd if it is enabled there): the weights'
+        scale factors, which are applied to the weights at each call.
+
+        A training step that enters this for every branch before its forward pass
+        computes the certificates while no activation is held, so their float64
+        temporaries do not add to the step's peak memory (only the scale factors and
+        their small gradient path are kept). Leave the block before the weights change
+        (an optimiser step).
+        """
+        spatial = tuple(spatial)
+        self._fixed = (spatial, self._scales(self._norms(spatial)))
+        try:
+            yield
+        finally:
+            self._fixed = None
+
     def _weights(self, spatial: tuple[int, int]) -> list[Tensor]:
+        if self._fixed is not None and self._fixed[0] == spatial:
+            return self._rescaled(spatial, self._fixed[1])
         # Without autograd (fixed-point inverse, evaluation) the rescaled weights are
         # reused until a weight changes in place (an optimiser step bumps _version).
         if torch.is_grad_enabled():
@@ -173,6 +200,7 @@ class ConvResidualBranch(nn.Module):
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
         state["_cache"] = None
+        state["_fixed"] = None
         return state
 
     @torch.no_grad()

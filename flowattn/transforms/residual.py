@@ -117,6 +117,21 @@ class ResidualTransform(Transform):
         finally:
             self.skip_log_dets = previous
 
+    @contextlib.contextmanager
+    def certified_once(self) -> Iterator[None]:
+        """Within the block, the branch's certificate for this step's ``input_shape`` is
+        the one computed on entry (for branches with a ``certified_once(spatial)``
+        method, such as :class:`~flowattn.nn.conv_branch.ConvResidualBranch`; others
+        are unaffected). :class:`~flowattn.models.DensityModel` enters it for every step
+        before a forward pass with autograd, so that the certificates' temporaries do
+        not add to the step's peak memory."""
+        once = getattr(self.branch, "certified_once", None)
+        if once is None or self.input_shape is None:
+            yield
+            return
+        with once(self.input_shape[-2:]):
+            yield
+
     def _nan_log_dets(self, like: Tensor) -> Tensor:
         return torch.full((like.shape[0],), math.nan, dtype=like.dtype, device=like.device)
 
