@@ -40,3 +40,34 @@ def test_conditioner_starts_at_zero_and_pickles():
 def test_glow_step_needs_two_channels():
     with pytest.raises(ValueError, match="at least 2 channels"):
         glow_step(1, hidden=4)
+
+
+def test_the_1x1_convolution_inverts_without_the_deprecated_solver(monkeypatch):
+    """The step's 1x1 convolution inverts (and gives its inverse weight) as nflows'
+    does, in float64 on non-trivial LU factors, without calling the deprecated
+    ``torch.triangular_solve``; checkpoints of nflows' layer load into it."""
+    from nflows.transforms import OneByOneConvolution
+
+    torch.manual_seed(0)
+    ours = glow_step(6, hidden=8)._transforms[1].double()
+    reference = OneByOneConvolution(6).double()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    reference.load_state_dict(ours.state_dict())
+    y = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    expected, expected_logdet = reference.inverse(y)
+    # (nflows' own weight_inverse fails in float64: its identity is float32)
+    expected_weight = torch.linalg.inv(reference.weight())
+
+    def deprecated(*args, **kwargs):
+        raise AssertionError("torch.triangular_solve called")
+
+    monkeypatch.setattr(torch, "triangular_solve", deprecated)
+    x, logdet = ours.inverse(y)
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logdet, expected_logdet, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.weight_inverse(), expected_weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.weight_inverse() @ ours.weight(), torch.eye(6).double())
+    back, _ = ours(x)
+    torch.testing.assert_close(back, y, rtol=1e-12, atol=1e-12)

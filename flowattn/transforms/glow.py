@@ -1,7 +1,8 @@
 r"""Glow flow step: ActNorm, invertible 1x1 convolution, affine coupling.
 
-The three pieces are nflows' ``ActNorm``, ``OneByOneConvolution`` (LU-parametrised)
-and ``AffineCouplingTransform``. The coupling's conditioner network
+The three pieces are nflows' ``ActNorm``, ``OneByOneConvolution`` (LU-parametrised;
+inverted here with :func:`torch.linalg.solve_triangular`) and
+``AffineCouplingTransform``. The coupling's conditioner network
 (:mod:`flowattn.nn.coupling_nets`) may contain ordinary (non-invertible)
 self-attention: invertibility of a coupling layer does not depend on its conditioner,
 so this is where non-invertible attention takes part in density models (``glow-attn``).
@@ -25,8 +26,33 @@ from nflows.transforms import (
     CompositeTransform,
     OneByOneConvolution,
 )
+from torch import Tensor
 
 from ..nn.coupling_nets import ConditionerFactory
+
+
+class _OneByOneConvolution(OneByOneConvolution):
+    """nflows' LU-parametrised invertible 1x1 convolution, its inverse computed with
+    :func:`torch.linalg.solve_triangular`. nflows calls the deprecated
+    ``torch.triangular_solve`` (a warning at every sampling run) and builds the
+    identity of ``weight_inverse`` on the CPU whatever the device. Same parameters,
+    buffers and values."""
+
+    def inverse_no_cache(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        lower, upper = self._create_lower_upper()
+        outputs = (inputs - self.bias).t()  # (D, N)
+        outputs = torch.linalg.solve_triangular(lower, outputs, upper=False, unitriangular=True)
+        outputs = torch.linalg.solve_triangular(upper, outputs, upper=True)
+        logabsdet = -self.logabsdet() * inputs.new_ones(inputs.shape[0])
+        return outputs.t(), logabsdet
+
+    def weight_inverse(self) -> Tensor:
+        lower, upper = self._create_lower_upper()
+        identity = torch.eye(self.features, dtype=lower.dtype, device=lower.device)
+        lower_inverse = torch.linalg.solve_triangular(
+            lower, identity, upper=False, unitriangular=True
+        )
+        return torch.linalg.solve_triangular(upper, lower_inverse, upper=True)
 
 
 def glow_step(
@@ -61,7 +87,7 @@ def glow_step(
     return CompositeTransform(
         [
             ActNorm(channels),
-            OneByOneConvolution(channels),
+            _OneByOneConvolution(channels),
             AffineCouplingTransform(mask, ConditionerFactory(hidden, attention)),
         ]
     )
