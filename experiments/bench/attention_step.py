@@ -9,9 +9,11 @@ warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
 interval; beside them, each version's median minor page faults and system CPU seconds
 per step (on CPU, large temporaries that the allocator takes fresh from the OS on every
 step cost system time, and how often that happens drifts with the process's allocator
-state, which moves the ratios between runs). Then the peak memory of a step at 5, 10
-and 20 series terms with the plain backward and with the memory-efficient backward
-(Neumann gradient).
+state, which moves the ratios between runs), and the largest |log-det| of one step at
+the benchmark's input (astronomically large where a version's series diverges there, as
+the dot kind's does, faithful and in the paper's code: its row then times a meaningless
+estimate). Then the peak memory of a step at 5, 10 and 20 series terms with the plain
+backward and with the memory-efficient backward (Neumann gradient).
 
 Peak memory is the rise of memory in use during one step, after a warm-up step: on
 CPU the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``,
@@ -59,7 +61,9 @@ def make_step(args, kind: str, n_terms: int, memory_efficient: bool, certified: 
 
 def make_paper_step(args, kind: str) -> torch.nn.Module:
     """The paper's step ``InvAttention_<kind>`` from the checkout at ``args.reference``."""
-    sys.path.insert(0, str(Path(args.reference).resolve()))
+    checkout = str(Path(args.reference).resolve())
+    if checkout not in sys.path:
+        sys.path.insert(0, checkout)
     import inv_attention
 
     cls = getattr(inv_attention, f"InvAttention_{kind}")
@@ -99,13 +103,27 @@ def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork]:
     if args.reference and kind in PAPER_KINDS:
         paper = make_paper_step(args, kind)
         steps["paper"] = lambda: paper_step(paper, x)
+    sizes = {"certified": log_det_size(certified, x)}
+    if "faithful" in steps:
+        sizes["faithful"] = log_det_size(faithful, x)
+    if "paper" in steps:
+        sizes["paper"] = log_det_size(paper, x.detach().requires_grad_(True))
     kernel = KernelWork()
     steps = {name: kernel.wrap(name, step) for name, step in steps.items()}
     cuda = args.device.startswith("cuda")
     times = interleaved_times(
         steps, args.steps, warmup=args.warmup, sync=torch.cuda.synchronize if cuda else None
     )
-    return times, kernel
+    return times, kernel, sizes
+
+
+def log_det_size(step, x: torch.Tensor) -> float:
+    """The largest |log-det| (the paper's step: |trace-series estimate|) of one step at
+    the benchmark's input. A contractive step's is at most -D log(1 - Lip); values many
+    orders above D = C H W mean the series diverged there, and the row times a
+    meaningless estimate."""
+    _, logdet = step(x)
+    return float(logdet.detach().abs().max())
 
 
 def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> float:
@@ -172,19 +190,20 @@ def main() -> None:
         f"device {args.device}, torch {torch.__version__}; {args.steps} interleaved steps "
         f"per version after {args.warmup} warm-up steps"
     )
-    print(f"{'kind':<18} {'version':<10} {'s/step':>8} {'faults':>7} {'system s':>9}  "
-          "paper / this (95% CI)")  # fmt: skip
+    print(f"{'kind':<18} {'version':<10} {'s/step':>8} {'faults':>7} {'system s':>9} "
+          f"{'max |log-det|':>14}  paper / this (95% CI)")  # fmt: skip
     for kind in args.kinds:
-        times, kernel = time_kind(args, kind)
+        times, kernel, sizes = time_kind(args, kind)
         for name, values in times.items():
             ratio = ""
             if "paper" in times and name != "paper":
                 ratio = "{:.2f}x ({:.2f}-{:.2f})".format(*median_ratio_ci(times["paper"], values))
-            faults = statistics.median(kernel.faults[name])
-            system = statistics.median(kernel.system_seconds[name])
+            # the warm-up calls are recorded too (they come first); leave them out
+            faults = statistics.median(kernel.faults[name][args.warmup :])
+            system = statistics.median(kernel.system_seconds[name][args.warmup :])
             print(
                 f"{kind:<18} {name:<10} {statistics.median(values):>8.4f} {faults:>7.0f} "
-                f"{system:>9.3f}  {ratio}",
+                f"{system:>9.3f} {sizes[name]:>14.3g}  {ratio}",
                 flush=True,
             )
     if args.no_memory:
