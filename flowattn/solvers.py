@@ -178,12 +178,11 @@ def solve_fixed_point(
         solver: ``"banach"`` or ``"anderson"``.
         atol: Absolute tolerance; default :func:`default_tolerance` of the dtype.
         rtol: Relative tolerance (times ``max(|x|, |y|)`` per element, x the iterate);
-            default as ``atol``. When the
-            residual stops shrinking for 5 iterations while below the rounding floor
-            :math:`64 \epsilon (1 + \max |y|)` (evaluating g in floating point cannot do
-            better), the solve stops there and counts as converged, reporting that
-            floor as its ``tolerance``; so does a solve that spends ``max_iter`` with its
-            best residual below that floor.
+            default as ``atol``. When the residual stops shrinking for 5 iterations
+            while below the rounding floor :math:`64 \epsilon (1 + \max |y|)`
+            (evaluating g in floating point cannot do better), the solve stops there
+            and counts as converged, reporting that floor as its ``tolerance``; so does
+            a solve that spends ``max_iter`` with its best residual below that floor.
         max_iter: Largest number of evaluations of ``fn``.
         memory: Anderson history size m.
         damping: Anderson mixing :math:`\beta` (1 is undamped).
