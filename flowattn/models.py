@@ -386,8 +386,10 @@ class DensityModel(Flow):
                     f"expected float images in [0, 1], got {x.dtype} "
                     "(use bits_per_dim for 8-bit images)"
                 )
-            if x.numel() and (x.min() < 0 or x.max() > 1):
-                raise ValueError("expected float images in [0, 1]")
+            if x.numel():
+                low, high = torch.aminmax(x)  # one pass, one read back to the host
+                if bool((low < 0) | (high > 1)):
+                    raise ValueError("expected float images in [0, 1]")
         return x.to(self.device)
 
     def _log_prob(self, inputs: Tensor, context: Tensor | None) -> Tensor:

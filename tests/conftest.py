@@ -50,6 +50,24 @@ def check_bijection(
     torch.testing.assert_close(inverse_logabsdet.detach(), -logabsdet.detach(), atol=atol, rtol=0)
 
 
+def count_host_reads(fn) -> int:
+    """How many scalars ``fn()`` reads back to the host (``.item()``, ``float()``,
+    ``bool()`` of a tensor...): on an accelerator, each waits for the queued kernels."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return len(reads)
+
+
 def stress_weights(module: torch.nn.Module, scale: float = 3.0) -> None:
     """Inflate every raw parameter so that all norm rescalings are active."""
     with torch.no_grad():

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import dense_jacobian_of
+from conftest import count_host_reads, dense_jacobian_of
 from nflows.distributions import Distribution, StandardNormal
 from nflows.transforms import IdentityTransform, PointwiseAffineTransform
 
@@ -283,6 +283,10 @@ def test_bad_inputs_raise_clear_errors():
         model.log_prob(torch.zeros(2, *SHAPE, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         model.log_prob(torch.full((2, *SHAPE), 3.0))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.log_prob(torch.full((2, *SHAPE), -0.5))
+    # the range check reads one value back to the host (each read stalls an accelerator)
+    assert count_host_reads(lambda: model._check_images(torch.rand(2, *SHAPE), uint8=False)) == 1
     with pytest.raises(ValueError, match="latents"):
         model.decode(torch.zeros(2, 5))
 

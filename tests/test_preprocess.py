@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import check_bijection
+from conftest import check_bijection, count_host_reads
 
 from flowattn.transforms.preprocess import LogitTransform, UniformDequantization
 
@@ -42,7 +42,12 @@ def test_logit_logdet_matches_jacobian(alpha):
 
 
 def test_logit_rejects_out_of_range():
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        LogitTransform()(torch.tensor([[1.5, 0.2]]))
+    with pytest.raises(ValueError, match=r"\[0, 1\], got range \[-0.5, 1.5\]"):
+        LogitTransform()(torch.tensor([[1.5, 0.2, -0.5]]))
     with pytest.raises(ValueError, match="alpha"):
         LogitTransform(0.5)
+
+
+def test_logit_checks_its_range_with_one_read_back_to_the_host():
+    x = torch.rand(2, 3, 4, 4)
+    assert count_host_reads(lambda: LogitTransform()(x)) == 1
