@@ -46,7 +46,7 @@ def check_bijection(
     expected = torch.linalg.slogdet(jac).logabsdet
     torch.testing.assert_close(logabsdet.detach(), expected, atol=atol, rtol=0)
     x_back, inverse_logabsdet = transform.inverse(y.detach())
-    assert float((x_back - x).abs().max()) <= inverse_atol
+    assert float((x_back.detach() - x).abs().max()) <= inverse_atol
     torch.testing.assert_close(inverse_logabsdet.detach(), -logabsdet.detach(), atol=atol, rtol=0)
 
 
