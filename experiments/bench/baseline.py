@@ -10,6 +10,7 @@ bf3fa98``) to a temporary directory under another name, rewriting its absolute
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import re
 import shutil
@@ -23,7 +24,8 @@ _ABSOLUTE_IMPORT = re.compile(r"^(\s*)(from|import)(\s+)flowattn(?=[.\s])", re.M
 
 def import_baseline(checkout: str | Path, name: str = "flowattn_baseline") -> ModuleType:
     """Imports ``checkout/flowattn`` as the package ``name`` and returns it (its copy
-    stays on ``sys.path``, so its submodules import as ``name.models`` and so on).
+    stays on ``sys.path`` until the process exits, so its submodules import as
+    ``name.models`` and so on; the copy is removed at exit).
 
     Raises:
         FileNotFoundError: If the checkout has no ``flowattn`` package.
@@ -32,6 +34,7 @@ def import_baseline(checkout: str | Path, name: str = "flowattn_baseline") -> Mo
     if not (source / "__init__.py").is_file():
         raise FileNotFoundError(f"no flowattn package in {checkout} (expected {source})")
     root = Path(tempfile.mkdtemp(prefix="flowattn-baseline-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for module in (root / name).rglob("*.py"):
         text = module.read_text()
