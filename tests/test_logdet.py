@@ -48,6 +48,7 @@ def test_truncated_series_within_bound(kind, n_terms):
     lips = torch.linalg.matrix_norm(jac, ord=2)
     assert (lips < 1).all(), "precondition: the series converges at this input"
     _, series = PowerSeriesLogDet(n_terms=n_terms, probe="basis")(branch, x)
+    series = series.detach()
     for b in range(x.shape[0]):
         bound = series_truncation_bound(float(lips[b]), n_terms, jac.shape[-1])
         assert abs(float(series[b] - exact[b])) <= bound + 1e-12
@@ -59,6 +60,7 @@ def test_hutchinson_series_is_unbiased_for_the_truncated_series(probe):
     x = x[:1].expand(4000, *x.shape[1:]).contiguous()
     _, reference = PowerSeriesLogDet(n_terms=3, probe="basis")(branch, x[:1])
     _, draws = PowerSeriesLogDet(n_terms=3, probe=probe)(branch, x)
+    reference, draws = reference.detach(), draws.detach()
     stderr = draws.std() / math.sqrt(draws.numel())
     assert abs(float(draws.mean() - reference[0])) <= 4 * float(stderr) + 1e-12
 
@@ -70,10 +72,10 @@ def test_russian_roulette_is_unbiased(kind, distribution):
     x = x[:1]
     jac = dense_jacobian_of(branch, x)
     assert float(torch.linalg.matrix_norm(jac, ord=2).max()) < 1
-    exact = float(ExactLogDet()(branch, x)[1][0])
+    exact = float(ExactLogDet()(branch, x)[1][0].detach())
     estimator = RussianRouletteLogDet(n_exact=1, distribution=distribution, p=0.5, lam=1.0)
     batch = x.expand(16, *x.shape[1:])
-    means = torch.stack([estimator(branch, batch)[1].mean() for _ in range(150)])
+    means = torch.stack([estimator(branch, batch)[1].mean() for _ in range(150)]).detach()
     stderr = means.std() / math.sqrt(means.numel())
     assert abs(float(means.mean()) - exact) <= 4 * float(stderr)
 
@@ -216,7 +218,7 @@ def _coverage(estimator, branch, x, exact, calls):
     hits, means = 0, []
     for _ in range(calls):
         _, logdet = estimator(branch, x)
-        diff = (logdet - exact).double()
+        diff = (logdet - exact).detach().double()
         mean, se = float(diff.mean()), float(diff.std() / math.sqrt(diff.numel()))
         hits += abs(mean) <= 2 * se
         means.append(mean)
