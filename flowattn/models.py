@@ -87,7 +87,7 @@ from .nn.lipschitz_attention import CERTIFIED_KINDS, KINDS
 from .solvers import SOLVERS
 from .transforms.attention_step import invertible_attention
 from .transforms.glow import glow_step
-from .transforms.preprocess import LogitTransform, UniformDequantization
+from .transforms.preprocess import LogitTransform, UniformDequantization, outside_range
 from .transforms.residual import ResidualTransform
 
 Preset = Literal["iresnet", "iresnet-attn", "resflow", "glow", "glow-attn"]
@@ -386,10 +386,8 @@ class DensityModel(Flow):
                     f"expected float images in [0, 1], got {x.dtype} "
                     "(use bits_per_dim for 8-bit images)"
                 )
-            if x.numel():
-                low, high = torch.aminmax(x)  # one pass, one read back to the host
-                if bool((low < 0) | (high > 1)):
-                    raise ValueError("expected float images in [0, 1]")
+            if x.numel() and outside_range(x, 0, 1):
+                raise ValueError("expected float images in [0, 1]")
         return x.to(self.device)
 
     def _log_prob(self, inputs: Tensor, context: Tensor | None) -> Tensor:

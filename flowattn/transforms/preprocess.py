@@ -18,7 +18,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["LogitTransform", "UniformDequantization"]
+__all__ = ["LogitTransform", "UniformDequantization", "outside_range"]
 
 import math
 
@@ -30,6 +30,14 @@ from torch import Tensor
 
 def _sum_except_batch(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
+def outside_range(x: Tensor, low: float, high: float) -> bool:
+    """Whether a non-empty tensor has an element below ``low`` or above ``high`` (NaNs
+    are not), in one pass and one read back to the host (each read makes the host wait
+    for an accelerator's queued kernels)."""
+    smallest, largest = torch.aminmax(x)
+    return bool((smallest < low) | (largest > high))
 
 
 class UniformDequantization(Transform):
@@ -74,7 +82,7 @@ class UniformDequantization(Transform):
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if inputs.is_floating_point():
             x = inputs
-            if not torch.equal(x, x.round()) or x.min() < 0 or x.max() > self.levels - 1:
+            if not torch.equal(x, x.round()) or outside_range(x, 0, self.levels - 1):
                 raise ValueError(
                     f"UniformDequantization expects integer levels 0..{self.levels - 1}; "
                     "got non-integer or out-of-range values (pass uint8 images, not [0, 1] ones)"
@@ -134,8 +142,8 @@ class LogitTransform(Transform):
         self.alpha = alpha
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        low, high = torch.aminmax(inputs)  # one pass, one read back to the host
-        if bool((low < 0) | (high > 1)):
+        if outside_range(inputs, 0, 1):
+            low, high = torch.aminmax(inputs)
             raise ValueError(
                 f"LogitTransform expects inputs in [0, 1], got range "
                 f"[{float(low):.3g}, {float(high):.3g}]"
