@@ -89,9 +89,9 @@ def paper_step(step, x: torch.Tensor) -> None:
     step.zero_grad(set_to_none=True)
 
 
-def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork]:
-    """Seconds per step of each version of ``kind``, interleaved step by step, and the
-    page faults and system time of each step."""
+def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork, dict[str, float]]:
+    """Seconds per step of each version of ``kind``, interleaved step by step, the page
+    faults and system time of each step, and each version's :func:`log_det_size`."""
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device) * 0.5
     steps = {}

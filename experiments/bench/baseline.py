@@ -4,7 +4,7 @@ A benchmark that compares with "the code before" must run both in one process,
 interleaved: this machine's speed drifts by tens of percent over minutes, so a figure
 measured at another time is not a baseline. :func:`import_baseline` copies the
 ``flowattn`` package of another checkout (for instance ``git worktree add /tmp/filed
-bf3fa98``) to a temporary directory under another name, rewriting its absolute
+8e6ace6``) to a temporary directory under another name, rewriting its absolute
 ``flowattn`` imports, and imports it from there.
 """
 

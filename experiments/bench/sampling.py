@@ -14,7 +14,7 @@ which draws the same way through the same inverse but also estimates every resid
 step's log-det: what skipping those estimates buys.
 
 With ``--baseline PATH`` (a checkout of an older flowattn, e.g. ``git worktree add
-/tmp/filed bf3fa98``, the code when the speed issue was filed), a second table compares
+/tmp/filed 8e6ace6``, the code when the speed issue was filed), a second table compares
 with that code in this process: the same weights loaded into the baseline's model of the
 preset, ``sample`` (same seeds) and ``reconstruct`` calls interleaved, and the median
 ratio baseline / this with its bootstrap 95% interval: the speed-up.
@@ -95,7 +95,7 @@ def main() -> None:
         ratio = "-"
         if iterations:
             with_log_dets, without = interleaved(model, args.n, args.reps)
-            ratio = "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(with_log_dets, without))
+            ratio = ratio_text(with_log_dets, without)
         print(
             f"{preset:<14} {args.n / sample_s:>13.1f} {args.n / recon_s:>18.1f} {its:>22} "
             f"{error:>19} {ratio:>22}",
@@ -109,6 +109,11 @@ def main() -> None:
             old = baseline_model(baseline, preset, model, shape)
             sample, recon, iterations = against_baseline(model, old, x_test, args.n, args.reps)
             print(f"{preset:<14} {sample:>26} {recon:>30} {iterations:>20}", flush=True)
+
+
+def ratio_text(numerators: list[float], denominators: list[float]) -> str:
+    """The median ratio of paired times and its bootstrap 95% interval, as printed."""
+    return "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(numerators, denominators))
 
 
 def baseline_model(baseline, preset: str, model, shape: tuple[int, ...]):
@@ -142,10 +147,10 @@ def against_baseline(model, old, x_test, n: int, reps: int) -> tuple[str, str, s
     times = interleaved_times(
         {"this": sampler("this", model), "baseline": sampler("baseline", old)}, reps
     )
-    sample = "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(times["baseline"], times["this"]))
+    sample = ratio_text(times["baseline"], times["this"])
     calls = {"this": lambda: model.reconstruct(x_test), "baseline": lambda: old.reconstruct(x_test)}
     times = interleaved_times(calls, reps)
-    recon = "{:.2f} ({:.2f}-{:.2f})".format(*median_ratio_ci(times["baseline"], times["this"]))
+    recon = ratio_text(times["baseline"], times["this"])
     iterations = [step.last_inverse.iterations for _, step in old.residual_steps()]
     return sample, recon, ",".join(map(str, iterations)) or "-"
 
