@@ -14,11 +14,15 @@ keep and in how they differentiate:
 * :class:`RussianRouletteLogDet`: a random number of terms reweighted so that the
   estimate is unbiased (Residual Flows).
 
-Series estimators take ``gradient="backprop"`` (differentiate through the series;
-memory grows with the number of terms) or ``gradient="neumann"`` (the Neumann-series
-gradient :math:`\operatorname{tr}((I + J)^{-1} \partial J)`, memory independent of the
-number of terms), and ``memory_efficient=True`` computes the gradient during the
-forward pass and frees the log-det graph at once.
+Series estimators take ``gradient="neumann"`` (the default: the Neumann-series gradient
+:math:`\sum_{k<n} (-1)^k v^\top J^k \partial J\, v`, one Jacobian-vector product with a
+graph, memory independent of the number of terms) or ``gradient="backprop"``
+(differentiate through the series, as i-ResNet and the paper do; every term keeps a
+graph). For the n-term series both are unbiased for the gradient of the same expected
+estimate, :math:`\partial \sum_{k \leq n} (-1)^{k+1} \operatorname{tr}(J^k) / k =
+\sum_{k < n} (-1)^k \operatorname{tr}(J^k \partial J)`, and equal with exact traces;
+the Neumann form differentiates one product instead of n. ``memory_efficient=True`` computes the
+gradient during the forward pass and frees the log-det graph at once.
 
 Every estimator is called as ``estimator(branch, x) -> (g(x), logdet)`` with
 ``x`` of shape (B, ...) and ``logdet`` of shape (B,).
@@ -196,7 +200,7 @@ class _SeriesLogDet(LogDetEstimator):
         self,
         n_probes: int = 1,
         probe: str = "rademacher",
-        gradient: str = "backprop",
+        gradient: str = "neumann",
         memory_efficient: bool = False,
     ):
         super().__init__()
@@ -302,7 +306,9 @@ class PowerSeriesLogDet(_SeriesLogDet):
         n_terms: Number of series terms n.
         n_probes: Number of Hutchinson probes m per sample.
         probe: ``"rademacher"``, ``"gaussian"`` or ``"basis"`` (exact traces).
-        gradient: ``"backprop"`` through the series, or ``"neumann"`` series gradient.
+        gradient: ``"neumann"``, the Neumann-series gradient (default), or
+            ``"backprop"`` through the series (the paper's and i-ResNet's: the same
+            expected gradient at a higher cost; see the module docstring).
         memory_efficient: Compute the gradient in the forward pass, free the graph.
 
     Examples:
@@ -317,7 +323,7 @@ class PowerSeriesLogDet(_SeriesLogDet):
         n_terms: int = 5,
         n_probes: int = 1,
         probe: str = "rademacher",
-        gradient: str = "backprop",
+        gradient: str = "neumann",
         memory_efficient: bool = False,
     ):
         super().__init__(n_probes, probe, gradient, memory_efficient)

@@ -1,8 +1,11 @@
 """Benchmark one training step of each invertible attention kind, against the paper's code.
 
 Prints, per kind, seconds per training step (forward + log-det + backward) of our
-faithful and certified versions and, with ``--reference PATH`` (a checkout of github
-Schwartz-Zha/InvertibleAttention, never copied here), of the paper's own step
+faithful and certified versions, each with the Neumann-series gradient of the log-det
+(the library's default) and with backpropagation through the series (the paper's way;
+the same expected gradient, see ``flowattn.logdet``), and, with ``--reference PATH`` (a
+checkout of github Schwartz-Zha/InvertibleAttention, never copied here), of the paper's
+own step
 (``inv_attention.InvAttention_<kind>``: its power series with create_graph, its soft
 spectral normalisation), interleaved step by step in one process (order alternating,
 warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
@@ -12,8 +15,9 @@ step cost system time, and how often that happens drifts with the process's allo
 state, which moves the ratios between runs), and the largest |log-det| of one step at
 the benchmark's input (astronomically large where a version's series diverges there, as
 the dot kind's does, faithful and in the paper's code: its row then times a meaningless
-estimate). Then the peak memory of a step at 5, 10 and 20 series terms with the plain
-backward and with the memory-efficient backward (Neumann gradient).
+estimate). Then the peak memory of a step at 5, 10 and 20 series terms with
+backpropagation through the series, with the Neumann gradient, and with the Neumann
+gradient computed in the forward pass (memory-efficient).
 
 Peak memory is the rise of memory in use during one step, after a warm-up step: on
 CPU the peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``,
@@ -35,6 +39,7 @@ import math
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,12 +54,26 @@ from measure import (
 from flowattn import invertible_attention
 from flowattn.transforms import KINDS, PAPER_KINDS
 
+GRADIENTS = ("neumann", "backprop")
+# the backward passes whose peak memory is measured (certified steps)
+BACKWARDS = {
+    "backprop": {"gradient": "backprop", "memory_efficient": False},
+    "neumann": {"gradient": "neumann", "memory_efficient": False},
+    "neumann, memory-efficient": {"gradient": "neumann", "memory_efficient": True},
+}
 
-def make_step(args, kind: str, n_terms: int, memory_efficient: bool, certified: bool = True):
-    options = {"gradient": "neumann", "memory_efficient": True} if memory_efficient else {}
+
+def make_step(
+    args,
+    kind: str,
+    n_terms: int,
+    memory_efficient: bool,
+    certified: bool = True,
+    gradient: str = "neumann",
+):
     step = invertible_attention(
         kind, args.channels, certified=certified, n_terms=n_terms, n_probes=args.probes,
-        **options,
+        gradient=gradient, memory_efficient=memory_efficient,
     )  # fmt: skip
     return step.to(args.device)
 
@@ -94,20 +113,18 @@ def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork, dict
     faults and system time of each step, and each version's :func:`log_det_size`."""
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device) * 0.5
-    steps = {}
-    if kind in PAPER_KINDS:
-        faithful = make_step(args, kind, args.terms, False, certified=False)
-        steps["faithful"] = lambda: one_step(faithful, x)
-    certified = make_step(args, kind, args.terms, False)
-    steps["certified"] = lambda: one_step(certified, x)
+    versions = (["faithful"] if kind in PAPER_KINDS else []) + ["certified"]
+    steps, sizes = {}, {}
+    for version in versions:
+        for gradient in args.gradients:
+            step = make_step(args, kind, args.terms, False, version == "certified", gradient)
+            name = f"{version} {gradient}"
+            steps[name] = partial(one_step, step, x)
+            sizes[name] = log_det_size(step, x)
     if args.reference and kind in PAPER_KINDS:
         paper = make_paper_step(args, kind)
-        steps["paper"] = lambda: paper_step(paper, x)
-    sizes = {"certified": log_det_size(certified, x)}
-    if "faithful" in steps:
-        sizes["faithful"] = log_det_size(faithful, x)
-    if "paper" in steps:
-        sizes["paper"] = log_det_size(paper, x.detach().requires_grad_(True))
+        steps["paper backprop"] = partial(paper_step, paper, x)
+        sizes["paper backprop"] = log_det_size(paper, x.detach().requires_grad_(True))
     kernel = KernelWork()
     steps = {name: kernel.wrap(name, step) for name, step in steps.items()}
     cuda = args.device.startswith("cuda")
@@ -126,19 +143,20 @@ def log_det_size(step, x: torch.Tensor) -> float:
     return float(logdet.detach().abs().max())
 
 
-def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> float:
+def peak_memory_mib(args, kind: str, n_terms: int, backward: str) -> float:
     """Peak memory of one step above the memory in use before it.
 
-    On CPU each measurement runs in a fresh process, so that memory the allocator kept
-    from earlier work cannot hide this step's peak.
+    ``backward`` is one of :data:`BACKWARDS`. On CPU each measurement runs in a fresh
+    process, so that memory the allocator kept from earlier work cannot hide this step's
+    peak.
     """
     if not args.device.startswith("cuda"):
-        spec = json.dumps([kind, n_terms, memory_efficient])
+        spec = json.dumps([kind, n_terms, backward])
         command = [sys.executable, __file__, *sys.argv[1:], "--memory-child", spec]
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         return float(result.stdout.strip().splitlines()[-1])
     torch.manual_seed(0)
-    step = make_step(args, kind, n_terms, memory_efficient)
+    step = make_step(args, kind, n_terms, **BACKWARDS[backward])
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device) * 0.5
     one_step(step, x)  # warm-up: lazy initialisation, allocator pools
     torch.cuda.synchronize()
@@ -152,9 +170,9 @@ def peak_memory_mib(args, kind: str, n_terms: int, memory_efficient: bool) -> fl
 def memory_child(args) -> None:
     """Prints the peak resident-set rise (MiB) of one CPU step, in this fresh process."""
     return_freed_memory_to_the_os()
-    kind, n_terms, memory_efficient = json.loads(args.memory_child)
+    kind, n_terms, backward = json.loads(args.memory_child)
     torch.manual_seed(0)
-    step = make_step(args, kind, n_terms, memory_efficient)
+    step = make_step(args, kind, n_terms, **BACKWARDS[backward])
     x = torch.randn(args.batch, args.channels, args.size, args.size) * 0.5
     one_step(step, x)  # warm-up: lazy initialisation
     print(peak_rss_rise_mib(lambda: one_step(step, x)))
@@ -168,6 +186,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--terms", type=int, default=5)
     parser.add_argument("--probes", type=int, default=1)
+    parser.add_argument(
+        "--gradients", nargs="+", default=list(GRADIENTS), choices=GRADIENTS,
+        help="log-det gradients of our steps to time (the paper's step backprops)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15, help="timed steps per version")
     parser.add_argument("--warmup", type=int, default=2)
@@ -190,20 +212,22 @@ def main() -> None:
         f"device {args.device}, torch {torch.__version__}; {args.steps} interleaved steps "
         f"per version after {args.warmup} warm-up steps"
     )
-    print(f"{'kind':<18} {'version':<10} {'s/step':>8} {'faults':>7} {'system s':>9} "
-          f"{'max |log-det|':>14}  paper / this (95% CI)")  # fmt: skip
+    print(f"{'kind':<18} {'version':<10} {'gradient':<9} {'s/step':>8} {'faults':>7} "
+          f"{'system s':>9} {'max |log-det|':>14}  paper / this (95% CI)")  # fmt: skip
     for kind in args.kinds:
         times, kernel, sizes = time_kind(args, kind)
+        paper = times.get("paper backprop")
         for name, values in times.items():
             ratio = ""
-            if "paper" in times and name != "paper":
-                ratio = "{:.2f}x ({:.2f}-{:.2f})".format(*median_ratio_ci(times["paper"], values))
+            if paper is not None and values is not paper:
+                ratio = "{:.2f}x ({:.2f}-{:.2f})".format(*median_ratio_ci(paper, values))
             # the warm-up calls are recorded too (they come first); leave them out
             faults = statistics.median(kernel.faults[name][args.warmup :])
             system = statistics.median(kernel.system_seconds[name][args.warmup :])
+            version, gradient = name.split()
             print(
-                f"{kind:<18} {name:<10} {statistics.median(values):>8.4f} {faults:>7.0f} "
-                f"{system:>9.3f} {sizes[name]:>14.3g}  {ratio}",
+                f"{kind:<18} {version:<10} {gradient:<9} {statistics.median(values):>8.4f} "
+                f"{faults:>7.0f} {system:>9.3f} {sizes[name]:>14.3g}  {ratio}",
                 flush=True,
             )
     if args.no_memory:
@@ -211,14 +235,13 @@ def main() -> None:
 
     print("\npeak memory of one step (MiB)")
     header = " ".join(f"{t:>3} terms" for t in args.memory_terms)
-    print(f"{'kind':<18} {'backward':<17} {header}  20/5 ratio")
+    print(f"{'kind':<18} {'backward':<25} {header}  20/5 ratio")
     for kind in args.kinds:
-        for efficient in (False, True):
-            peaks = [peak_memory_mib(args, kind, t, efficient) for t in args.memory_terms]
-            label = "memory-efficient" if efficient else "plain (backprop)"
+        for backward in BACKWARDS:
+            peaks = [peak_memory_mib(args, kind, t, backward) for t in args.memory_terms]
             cells = " ".join(f"{p:>9.1f}" for p in peaks)
             ratio = peaks[-1] / peaks[0] if peaks[0] > 0 else float("nan")
-            print(f"{kind:<18} {label:<17} {cells}  {ratio:.2f}", flush=True)
+            print(f"{kind:<18} {backward:<25} {cells}  {ratio:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ every step), imported from the checkout given with ``--reference`` (never copied
 
 Settings:
 
-* (a) i-ResNet: 5-term power series, ELU, backprop through the series;
+* (a) i-ResNet: 5-term power series, ELU, backprop through the series; also timed, as
+  ``flowattn-neumann``, our same model with the series' Neumann gradient (the library's
+  default: the same expected gradient, see ``flowattn.logdet``), against the same
+  reference;
 * (b) Residual Flows: Russian roulette (Poisson 2, 2 exact terms, one draw per batch),
   Neumann gradient, memory-efficient backward, LipSwish.
 
@@ -51,10 +54,11 @@ SETTINGS = {
 }
 
 
-def build_ours(setting: str, args) -> torch.nn.Module:
+def build_ours(setting: str, args, gradient: str = "backprop") -> torch.nn.Module:
+    """Our model of ``setting``; in (a), ``gradient`` is the series' log-det gradient."""
     if setting == "a":
         options = {"activation": "elu", "estimator": "series", "n_terms": 5,
-                   "estimator_options": {"gradient": "backprop"}}  # fmt: skip
+                   "estimator_options": {"gradient": gradient}}  # fmt: skip
     else:
         options = {"activation": "lipswish", "estimator": "roulette", "n_terms": 2,
                    "estimator_options": {"distribution": "poisson", "lam": 2.0,
@@ -136,6 +140,12 @@ def steppers(setting: str, args) -> dict:
         ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-4)
         out["reference"] = lambda: reference_step(reference, squeeze, ref_opt, x)
         sizes["reference"] = sum(p.numel() for p in reference.parameters())
+    if setting == "a":  # built last: the models above start as they always have
+        neumann = build_ours(setting, args, gradient="neumann")
+        neumann.load_state_dict(ours.state_dict())
+        neumann_opt = torch.optim.Adam(neumann.parameters(), lr=1e-4)
+        out["flowattn-neumann"] = lambda: ours_step(neumann, neumann_opt, x)
+        sizes["flowattn-neumann"] = sizes["flowattn"]
     return out, sizes
 
 
@@ -155,7 +165,7 @@ def peak_memory_mib(setting: str, name: str, args) -> float:
 def memory_child(args) -> None:
     return_freed_memory_to_the_os()
     setting, name = args.memory_child.split(":")
-    if name == "flowattn":
+    if name.startswith("flowattn"):
         args.reference = None
     steps, _ = steppers(setting, args)
     steps[name]()  # warm-up: lazy initialisation, first spectral-norm iterations
@@ -197,15 +207,17 @@ def main() -> None:
                 peaks[name] = peak_memory_mib(setting, name, args)
                 memory = f", peak memory {peaks[name]:.1f} MiB"
             print(
-                f"  {name:<9} {sizes[name]:,} parameters: median step "
+                f"  {name:<16} {sizes[name]:,} parameters: median step "
                 f"{statistics.median(times[name]):.3f} s{memory}"
             )
-        if "reference" in times:
-            ratio, low, high = median_ratio_ci(times["flowattn"], times["reference"])
-            print(f"  step time flowattn / reference: {ratio:.2f} (95% CI {low:.2f}-{high:.2f})")
+        if "reference" not in times:
+            continue
+        for name in (n for n in times if n.startswith("flowattn")):
+            ratio, low, high = median_ratio_ci(times[name], times["reference"])
+            print(f"  step time {name} / reference: {ratio:.2f} (95% CI {low:.2f}-{high:.2f})")
             if peaks:
-                difference = peaks["flowattn"] - peaks["reference"]
-                print(f"  peak memory flowattn - reference: {difference:+.2f} MiB (one fresh "
+                difference = peaks[name] - peaks["reference"]
+                print(f"  peak memory {name} - reference: {difference:+.2f} MiB (one fresh "
                       "process each; --memory-child SETTING:NAME repeats one)")  # fmt: skip
 
 
