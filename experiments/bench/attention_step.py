@@ -116,8 +116,13 @@ def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork, dict
     versions = (["faithful"] if kind in PAPER_KINDS else []) + ["certified"]
     steps, sizes = {}, {}
     for version in versions:
+        first = None
         for gradient in args.gradients:
             step = make_step(args, kind, args.terms, False, version == "certified", gradient)
+            if first is None:
+                first = step
+            else:  # the same weights for every gradient of a version
+                step.load_state_dict(first.state_dict())
             name = f"{version} {gradient}"
             steps[name] = partial(one_step, step, x)
             sizes[name] = log_det_size(step, x)

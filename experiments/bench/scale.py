@@ -5,7 +5,8 @@ kind (``external`` and the paper's four kinds, certified), a model ``iresnet-att
 3 x S x S images (2 scales x 2 blocks, 16 hidden channels, the attention step at the end
 of the first scale, on N = (S/2)^2 tokens of 12 channels) and the same model without
 attention (``iresnet``) take training steps (forward, backward, Adam) on random 8-bit
-batches. The log-det is the 5-term series by default (``--estimator``): every step then
+batches. The log-det is the 5-term series by default (``--estimator``; differentiated with
+the library's default Neumann-series gradient): every step then
 does the same work, where the roulette's random number of terms would make the step
 times of one model vary more than the kinds differ. Printed per size and kind: the median step
 time, the attention's share of the step (1 - t(iresnet) / t(kind)), the growth exponent
