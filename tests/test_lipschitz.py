@@ -10,6 +10,7 @@ from flowattn.lipschitz import (
     ConstrainedLinear,
     RowL1Rescale,
     SpectralRescale,
+    _tap_phases,
     conv_power_iteration,
     conv_spectral_upper_bound,
     inf_norm,
@@ -137,3 +138,25 @@ def test_bounds_are_the_same_after_set_num_threads():
         outputs.append([float.fromhex(v) for v in done.stdout.split()])
     # the thread count may change a product's summation order: the last bit, no more
     assert len(outputs[0]) == 4 and outputs[0] == pytest.approx(outputs[1], rel=1e-12)
+
+
+GRIDS = [((5, 3, 3, 3), (7, 9)), ((4, 6, 3, 3), (6, 6)), ((3, 3, 5, 5), (9, 8)),
+         ((4, 4, 3, 3), (10, 10))]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape, grid", GRIDS)
+def test_the_certificate_keeps_one_block_per_conjugate_pair(shape, grid):
+    """The frequencies the certificate visits hold every block of the kernel's full 2-D
+    DFT up to conjugation (the same singular values), and no conjugate pair twice:
+    h (w // 2 + 1) blocks less the mirrored rows of the self-mirrored columns."""
+    weight = torch.randn(shape, dtype=torch.float64)
+    phases = _tap_phases(shape[-1], grid, weight.device)
+    blocks = (weight.flatten(2).to(torch.complex128) @ phases.conj().T).permute(2, 0, 1)
+    kept = torch.linalg.svdvals(blocks)
+    spectrum = torch.fft.fft2(weight, s=grid).permute(2, 3, 0, 1).reshape(-1, *shape[:2])
+    full = torch.linalg.svdvals(spectrum)
+    distance = torch.cdist(full, kept, compute_mode="donot_use_mm_for_euclid_dist")
+    assert float(distance.min(dim=1).values.max()) < 1e-12
+    h, w = grid
+    mirrored_columns = 1 + (w % 2 == 0)
+    assert phases.shape[0] == h * (w // 2 + 1) - mirrored_columns * ((h - 1) // 2)
