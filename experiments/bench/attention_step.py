@@ -5,9 +5,8 @@ faithful and certified versions, each with the Neumann-series gradient of the lo
 (the library's default) and with backpropagation through the series (the paper's way;
 the same expected gradient, see ``flowattn.logdet``), and, with ``--reference PATH`` (a
 checkout of github Schwartz-Zha/InvertibleAttention, never copied here), of the paper's
-own step
-(``inv_attention.InvAttention_<kind>``: its power series with create_graph, its soft
-spectral normalisation), interleaved step by step in one process (order alternating,
+own step (``inv_attention.InvAttention_<kind>``: its power series with create_graph,
+its soft spectral normalisation), interleaved step by step in one process (order alternating,
 warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
 interval; beside them, each version's median minor page faults and system CPU seconds
 per step (on CPU, large temporaries that the allocator takes fresh from the OS on every
@@ -240,7 +239,8 @@ def main() -> None:
 
     print("\npeak memory of one step (MiB)")
     header = " ".join(f"{t:>3} terms" for t in args.memory_terms)
-    print(f"{'kind':<18} {'backward':<25} {header}  20/5 ratio")
+    ratio_name = f"{args.memory_terms[-1]}/{args.memory_terms[0]} ratio"
+    print(f"{'kind':<18} {'backward':<25} {header}  {ratio_name}")
     for kind in args.kinds:
         for backward in BACKWARDS:
             peaks = [peak_memory_mib(args, kind, t, backward) for t in args.memory_terms]
