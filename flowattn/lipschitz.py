@@ -312,9 +312,9 @@ def _tap_phases(k: int, grid: tuple[int, int], device: torch.device) -> Tensor:
     Frequencies are in row-major order over :math:`(f_1, f_2)`.
     """
     h, w = grid
-    kept = [
-        (a, b) for a in range(h) for b in range(w // 2 + 1) if not (b in (0, w / 2) and 2 * a > h)
-    ]
+    mirrored = (0, w // 2) if w % 2 == 0 else (0,)  # the columns f2 with -f2 = f2 mod w
+    columns = range(w // 2 + 1)
+    kept = [(a, b) for a in range(h) for b in columns if not (b in mirrored and 2 * a > h)]
     f1, f2 = torch.tensor(kept, dtype=torch.float64, device=device).unbind(1)  # (F,) each
     taps = torch.arange(k, device=device, dtype=torch.float64)
     angle = (f1[:, None, None] * taps[:, None] / h) + (f2[:, None, None] * taps / w)

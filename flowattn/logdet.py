@@ -21,8 +21,8 @@ graph, memory independent of the number of terms) or ``gradient="backprop"``
 graph). For the n-term series both are unbiased for the gradient of the same expected
 estimate, :math:`\partial \sum_{k \leq n} (-1)^{k+1} \operatorname{tr}(J^k) / k =
 \sum_{k < n} (-1)^k \operatorname{tr}(J^k \partial J)`, and equal with exact traces;
-the Neumann form differentiates one product instead of n. ``memory_efficient=True`` computes the
-gradient during the forward pass and frees the log-det graph at once.
+the Neumann form differentiates one product instead of n. ``memory_efficient=True``
+computes the gradient during the forward pass and frees the log-det graph at once.
 
 Every estimator is called as ``estimator(branch, x) -> (g(x), logdet)`` with
 ``x`` of shape (B, ...) and ``logdet`` of shape (B,).

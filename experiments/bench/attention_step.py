@@ -6,8 +6,8 @@ faithful and certified versions, each with the Neumann-series gradient of the lo
 the same expected gradient, see ``flowattn.logdet``), and, with ``--reference PATH`` (a
 checkout of github Schwartz-Zha/InvertibleAttention, never copied here), of the paper's
 own step (``inv_attention.InvAttention_<kind>``: its power series with create_graph,
-its soft spectral normalisation), interleaved step by step in one process (order alternating,
-warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
+its soft spectral normalisation), interleaved step by step in one process (order
+alternating, warm-up first): medians, and the median ratio paper / ours with a bootstrap 95%
 interval; beside them, each version's median minor page faults and system CPU seconds
 per step (on CPU, large temporaries that the allocator takes fresh from the OS on every
 step cost system time, and how often that happens drifts with the process's allocator
