@@ -12,8 +12,11 @@ Convergence is tested per element as
 :math:`|T(x) - x| \leq atol + rtol \cdot \max(|x|, |y|)` (like :func:`torch.allclose`,
 with the relative part measured against the larger of the output y and the iterate x,
 so that no element is asked for more precision than x's own floating-point spacing).
-The result records the iterations used and the residual reached; callers decide whether
-to warn or raise.
+Each sample (a row of the batch) leaves the solve at the first iterate where all its
+elements meet their tolerance, and is not evaluated again; the map must therefore act on
+each row independently, as a flow's residual branch does. The result records the
+iterations used (by the slowest row) and the residual reached; callers decide whether to
+warn or raise.
 
 References:
     | Invertible Residual Networks (Behrmann et al., 2019)
@@ -42,8 +45,8 @@ class FixedPointResult:
     """How a fixed-point solve ended.
 
     Attributes:
-        solution: The last iterate, shape of the input.
-        iterations: Number of evaluations of the map.
+        solution: Each row's returned iterate, shape of the input.
+        iterations: Number of evaluations of the map on the slowest row.
         residual: :math:`|T(x) - x|` at the deciding element: the largest one when
             converged, else the one furthest over its tolerance.
         tolerance: The allowed residual ``atol + rtol * max(|x|, |y|)`` at that element.
@@ -83,26 +86,31 @@ def _abs_max(t: Tensor) -> float:
 
 
 class _Tolerance:
-    """Each element's tolerance ``atol + rtol * max(|x|, |y|)`` at an iterate x, and
-    the tests against it. Maxima are taken first (one pass each, no temporaries); the
-    element-wise test runs only when they allow convergence."""
+    """Each element's tolerance ``atol + rtol * max(|x|, |y|)`` for the rows still being
+    solved (samples, flattened to (rows, d)), and the tests against it. Maxima are taken
+    first (one pass each, no temporaries); the element-wise test runs only when they
+    allow some row to converge."""
 
-    def __init__(self, y: Tensor, atol: float, rtol: float):
-        self.atol, self.rtol = atol, rtol
-        self.y_abs = y.abs()
-        self.y_max = _abs_max(y)
+    def __init__(self, y_abs: Tensor, y_max: float, atol: float, rtol: float):
+        self.y_abs, self.y_max, self.atol, self.rtol = y_abs, y_max, atol, rtol
+
+    def rows(self, keep: Tensor) -> _Tolerance:
+        """The tolerance of the rows selected by the boolean mask ``keep``."""
+        return _Tolerance(self.y_abs[keep], self.y_max, self.atol, self.rtol)
 
     def allowed(self, x: Tensor) -> Tensor:
         return torch.maximum(x.abs(), self.y_abs).mul_(self.rtol).add_(self.atol)
 
-    def check(self, x: Tensor, gap: Tensor) -> tuple[bool, float]:
-        """(converged, the largest |gap|) of iterate x, whose map value is x + gap."""
-        residual = _abs_max(gap)
-        if residual <= self.atol:
-            return True, residual
-        if residual > self.atol + self.rtol * max(_abs_max(x), self.y_max):
-            return False, residual
-        return bool((gap.abs() <= self.allowed(x)).all()), residual
+    def check(self, x: Tensor, gap: Tensor) -> tuple[Tensor | None, Tensor]:
+        """(which rows of iterate x converged, as a boolean mask, or None for none of
+        them; each row's largest |gap|), where x + gap is the map's value at x. A row
+        with a NaN never converges."""
+        # amax and amin along rows: several times faster here than aminmax along rows
+        residuals = torch.maximum(gap.amax(dim=1), gap.amin(dim=1).neg_())
+        smallest = float(torch.nan_to_num(residuals, nan=math.inf).min())
+        if smallest > self.atol + self.rtol * max(_abs_max(x), self.y_max):
+            return None, residuals
+        return (gap.abs() <= self.allowed(x)).all(dim=1), residuals
 
     def report(self, x: Tensor, gap: Tensor, converged: bool) -> tuple[float, float]:
         """(gap, tolerance) reported for an iterate: the largest gap when every element
@@ -119,40 +127,128 @@ class _Tolerance:
 
 
 class _Progress:
-    """What a solve has reached so far: its best iterate, and whether its residual has
-    stopped shrinking at rounding level. :meth:`update` ends the solve, converged or
-    stalled, or returns None to go on."""
+    """What a solve has reached so far. Rows (samples) that meet their tolerance are
+    written to the solution and leave the solve; for the rest it keeps their best
+    iterate and whether their largest residual has stopped shrinking at rounding level.
+    :meth:`update` ends the solve (every row converged, or the rest stalled), reports
+    the rows that just left, or returns nothing new."""
 
-    def __init__(self, tolerance: _Tolerance, max_iter: int):
+    def __init__(self, tolerance: _Tolerance, max_iter: int, x: Tensor):
         self.tolerance, self.max_iter = tolerance, max_iter
-        self.floor = _noise_floor(tolerance.y_max, tolerance.y_abs.dtype)
+        self.floor = _noise_floor(tolerance.y_max, x.dtype)
+        self.solution = x.clone()  # (B, d); rows are written as they finish
+        self.active = torch.arange(x.shape[0], device=x.device)  # batch index of each row
+        self.finished: tuple[float, float] = (0.0, 0.0)  # the largest reported gap so far
         self.best: tuple[Tensor, Tensor, float] | None = None  # (iterate, its value, residual)
         self.least = math.inf  # the smallest residual that was a 0.1% gain
         self.since = 0  # iterations since that gain
 
-    def update(self, x: Tensor, fx: Tensor, gap: Tensor, it: int) -> FixedPointResult | None:
-        """Takes the map's value ``fx`` at the iterate ``x`` (the ``it``-th evaluation)
-        and ``gap = fx - x`` (which the caller may keep: it is not modified)."""
-        converged, residual = self.tolerance.check(x, gap)
+    def update(
+        self, x: Tensor, fx: Tensor, gap: Tensor, it: int
+    ) -> FixedPointResult | Tensor | None:
+        """Takes the map's value ``fx`` at the iterate ``x`` (the ``it``-th evaluation;
+        both (rows, d)) and ``gap = fx - x`` (not modified). Returns the result when the
+        solve ends, else the mask of the rows that go on when some just converged (the
+        caller drops the others from its state), else None."""
+        converged, residuals = self.tolerance.check(x, gap)
+        keep = None
+        if converged is not None and bool(converged.any()):
+            self._finish(converged, x, gap)
+            if bool(converged.all()):
+                return self._result(it, self.finished, True)
+            keep = ~converged
+            self.tolerance = self.tolerance.rows(keep)
+            self.active = self.active[keep]
+            x, fx, residuals = x[keep], fx[keep], residuals[keep]
+            if self.best is not None:
+                self.best = (self.best[0][keep], self.best[1][keep], self.best[2])
+        residual = float(residuals.max())
         if self.best is None or residual < self.best[2]:
             self.best = (x, fx, residual)
-        if converged:
-            return FixedPointResult(x, it, *self.tolerance.report(x, gap, True), True)
         if residual < self.least * (1 - 1e-3):
             self.least, self.since = residual, 0
         else:
             self.since += 1
         if self.since >= STALL_PATIENCE and self.least <= self.floor:
-            return FixedPointResult(self.best[0], it, self.best[2], self.floor, True)
-        return None
+            self.solution[self.active] = self.best[0]
+            return self._result(it, (self.best[2], self.floor), True)
+        return keep
+
+    def _finish(self, converged: Tensor, x: Tensor, gap: Tensor) -> None:
+        """Writes the converged rows to the solution and keeps the largest gap reported."""
+        self.solution[self.active[converged]] = x[converged]
+        report = self.tolerance.rows(converged).report(x[converged], gap[converged], True)
+        if report[0] >= self.finished[0]:
+            self.finished = report
+
+    def _result(self, it: int, report: tuple[float, float], converged: bool) -> FixedPointResult:
+        return FixedPointResult(self.solution, it, *report, converged)
 
     def out_of_iterations(self) -> FixedPointResult:
-        """The result when ``max_iter`` is spent: converged if the best residual is at
-        rounding level (below the floor), as a stall there would have concluded."""
+        """The result when ``max_iter`` is spent: converged if the best residual of the
+        rows left is at rounding level (below the floor), as a stall there would have
+        concluded."""
         x, fx, residual = self.best
+        self.solution[self.active] = x
         if residual <= self.floor:
-            return FixedPointResult(x, self.max_iter, residual, self.floor, True)
-        return FixedPointResult(x, self.max_iter, *self.tolerance.report(x, fx - x, False), False)
+            return self._result(self.max_iter, (residual, self.floor), True)
+        report = self.tolerance.report(x, fx - x, False)
+        return self._result(self.max_iter, report, False)
+
+
+class _AndersonHistory:
+    """The last m iterates of an Anderson solve, for rows (B, d): their map values f_i,
+    their gaps f_i - x_i, and the Gram matrix of the gaps, updated one row per iteration
+    (the products in x's dtype), stored, regularised and solved in float64."""
+
+    def __init__(self, x: Tensor, m: int, beta: float, lam: float):
+        b, d = x.shape
+        self.m, self.beta, self.lam = m, beta, lam
+        self.fs = x.new_zeros(b, m, d)
+        self.gaps = x.new_zeros(b, m, d)
+        self.xs = x.new_zeros(b, m, d) if beta != 1.0 else None
+        self.gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
+        self.eye = torch.eye(m, dtype=torch.float64, device=x.device)
+
+    def gap(self, fx: Tensor, x: Tensor, it: int) -> Tensor:
+        """fx - x, stored as the ``it``-th iterate's gap."""
+        return torch.sub(fx, x, out=self.gaps[:, (it - 1) % self.m])
+
+    def keep(self, rows: Tensor) -> None:
+        """Drops the rows not selected by the boolean mask ``rows``."""
+        self.fs, self.gaps, self.gram = self.fs[rows], self.gaps[rows], self.gram[rows]
+        if self.xs is not None:
+            self.xs = self.xs[rows]
+
+    def next(self, x: Tensor, fx: Tensor, it: int) -> Tensor:
+        """The next iterate after the ``it``-th, whose gap :meth:`gap` has stored."""
+        b = x.shape[0]
+        slot, n = (it - 1) % self.m, min(it, self.m)
+        self.fs[:, slot] = fx
+        if self.xs is not None:
+            self.xs[:, slot] = x
+        gaps = self.gaps
+        row = (gaps[:, :n] @ gaps[:, slot, :, None]).double()[..., 0]  # (B, n)
+        self.gram[:, slot, :n] = row
+        self.gram[:, :n, slot] = row
+        if n == 1:
+            return fx
+        # Minimise ||sum_i alpha_i (f_i - x_i)|| subject to sum_i alpha_i = 1.
+        h = self.gram[:, :n, :n]
+        scale = h.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)
+        h = h + self.lam * scale[:, None, None] * self.eye[:n, :n]
+        ones = torch.ones(b, n, 1, dtype=torch.float64, device=x.device)
+        sol, info = torch.linalg.solve_ex(h, ones)
+        alpha = sol / sol.sum(dim=1, keepdim=True)  # (B, n, 1)
+        if bool((info != 0).any()) or not torch.isfinite(alpha.sum()):
+            return fx  # degenerate history: fall back to a plain step
+        weights = alpha.to(x.dtype).transpose(1, 2)  # (B, 1, n)
+        mixed = (weights @ self.fs[:, :n])[:, 0]
+        if self.xs is not None:
+            mixed = self.beta * mixed + (1 - self.beta) * (weights @ self.xs[:, :n])[:, 0]
+        if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
+            return fx
+        return mixed
 
 
 @torch.no_grad()
@@ -172,7 +268,8 @@ def solve_fixed_point(
     r"""Solves :math:`x = y - g(x)` where ``fn`` is :math:`g`.
 
     Arguments:
-        fn: The residual branch g, (B, ...) to (B, ...).
+        fn: The residual branch g, (B, ...) to (B, ...), acting on each row on its own
+            (it is called with fewer rows as rows converge).
         y: The output of the residual step (B, ...).
         x0: Starting point; defaults to ``y``.
         solver: ``"banach"`` or ``"anderson"``.
@@ -189,7 +286,8 @@ def solve_fixed_point(
         regularization: Ridge term of the Anderson least-squares problem.
 
     Returns:
-        A :class:`FixedPointResult`.
+        A :class:`FixedPointResult`: each row's solution is its first iterate within
+        tolerance (or, for rows that never got there, its best one).
 
     Examples:
         >>> y = torch.ones(2, 3)
@@ -203,69 +301,24 @@ def solve_fixed_point(
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     atol = default_tolerance(y.dtype) if atol is None else atol
     rtol = default_tolerance(y.dtype) if rtol is None else rtol
-    x = y.clone() if x0 is None else x0.clone()
-
-    def step(z: Tensor) -> Tensor:
-        return y - fn(z)
-
-    tolerance = _Tolerance(y, atol, rtol)
-    if solver == "banach":
-        return _banach(step, x, tolerance, max_iter)
-    return _anderson(step, x, tolerance, max_iter, memory, damping, regularization)
-
-
-def _banach(step, x, tolerance, max_iter) -> FixedPointResult:
-    progress = _Progress(tolerance, max_iter)
+    shape, b = y.shape, y.shape[0]
+    y = y.reshape(b, -1)
+    x = (y if x0 is None else x0.reshape(b, -1)).clone()
+    tolerance = _Tolerance(y.abs(), _abs_max(y), atol, rtol)
+    progress = _Progress(tolerance, max_iter, x)
+    history = None if solver == "banach" else _AndersonHistory(x, memory, damping, regularization)
     for it in range(1, max_iter + 1):
-        fx = step(x)
-        if (done := progress.update(x, fx, fx - x, it)) is not None:
+        fx = y - fn(x.reshape(-1, *shape[1:])).reshape(x.shape)
+        gap = fx - x if history is None else history.gap(fx, x, it)
+        done = progress.update(x, fx, gap, it)
+        if isinstance(done, FixedPointResult):
+            done.solution = done.solution.view(shape)
             return done
-        x = fx
-    return progress.out_of_iterations()
-
-
-def _anderson(step, x, tolerance, max_iter, m, beta, lam) -> FixedPointResult:
-    """Anderson acceleration with a history of m iterates. The Gram matrix of the
-    residual history is updated one row per iteration (the products in x's dtype) and
-    stored, regularised and solved in float64; the rest stays in x's dtype."""
-    b = x.shape[0]
-    d = x[0].numel()
-    fs = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)  # f(x_i)
-    gaps = torch.zeros(b, m, d, dtype=x.dtype, device=x.device)  # f(x_i) - x_i
-    xs = torch.zeros_like(fs) if beta != 1.0 else None
-    gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
-    eye = torch.eye(m, dtype=torch.float64, device=x.device)
-    progress = _Progress(tolerance, max_iter)
-    for it in range(1, max_iter + 1):
-        fx = step(x)
-        slot, n = (it - 1) % m, min(it, m)
-        gap = torch.sub(fx.reshape(b, -1), x.reshape(b, -1), out=gaps[:, slot])
-        if (done := progress.update(x, fx, gap.reshape(x.shape), it)) is not None:
-            return done
-        fs[:, slot] = fx.reshape(b, -1)
-        if xs is not None:
-            xs[:, slot] = x.reshape(b, -1)
-        row = (gaps[:, :n] @ gaps[:, slot, :, None]).double()[..., 0]  # (B, n)
-        gram[:, slot, :n] = row
-        gram[:, :n, slot] = row
-        if n == 1:
-            x = fx
-            continue
-        # Minimise ||sum_i alpha_i (f_i - x_i)|| subject to sum_i alpha_i = 1.
-        h = gram[:, :n, :n]
-        scale = h.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-300)
-        h = h + lam * scale[:, None, None] * eye[:n, :n]
-        ones = torch.ones(b, n, 1, dtype=torch.float64, device=x.device)
-        sol, info = torch.linalg.solve_ex(h, ones)
-        alpha = sol / sol.sum(dim=1, keepdim=True)  # (B, n, 1)
-        if bool((info != 0).any()) or not torch.isfinite(alpha.sum()):
-            x = fx  # degenerate history: fall back to a plain step
-            continue
-        weights = alpha.to(x.dtype).transpose(1, 2)  # (B, 1, n)
-        mixed = (weights @ fs[:, :n])[:, 0]
-        if xs is not None:
-            mixed = beta * mixed + (1 - beta) * (weights @ xs[:, :n])[:, 0]
-        if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
-            mixed = fx.reshape(b, -1)
-        x = mixed.reshape(x.shape)
-    return progress.out_of_iterations()
+        if done is not None:  # some rows converged: the rest go on without them
+            x, fx, y = x[done], fx[done], y[done]
+            if history is not None:
+                history.keep(done)
+        x = fx if history is None else history.next(x, fx, it)
+    done = progress.out_of_iterations()
+    done.solution = done.solution.view(shape)
+    return done

@@ -101,3 +101,44 @@ def test_a_converged_solution_is_within_its_tolerance(solver):
         exact = y - g(exact)
     error = torch.linalg.vector_norm(x - exact, dim=1).max()
     assert error <= torch.linalg.vector_norm(y - g(x) - x, dim=1).max() / (1 - 0.8) + 1e-14
+
+
+class _CountingRows:
+    """g(x) = 0.5 x, recording how many rows each call evaluates."""
+
+    def __init__(self):
+        self.rows: list[int] = []
+
+    def __call__(self, x):
+        self.rows.append(x.shape[0])
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("solver", ["banach", "anderson"])
+def test_rows_leave_the_solve_as_they_converge(solver):
+    """A row that meets its tolerance is not evaluated again, and every row's returned
+    iterate is within its own tolerance: the same solutions as solving each row alone."""
+    y = torch.tensor([[0.0, 0.0], [1.0, -2.0], [1e-3, 2e-3]], dtype=torch.float64)
+    g = _CountingRows()
+    result = solve_fixed_point(g, y, solver=solver)
+    assert result.converged
+    assert g.rows[0] == 3 and g.rows[-1] < 3  # the zero row converged at once
+    assert sum(g.rows) < 3 * result.iterations
+    gap = (y - 0.5 * result.solution - result.solution).abs()
+    eps = 2 * torch.finfo(torch.float64).eps
+    assert (gap <= eps + eps * torch.maximum(result.solution.abs(), y.abs())).all()
+    for i in range(3):
+        alone = solve_fixed_point(_CountingRows(), y[i : i + 1], solver=solver)
+        torch.testing.assert_close(result.solution[i], alone.solution[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("solver", ["banach", "anderson"])
+def test_a_row_that_cannot_converge_does_not_hold_the_others(solver):
+    """A NaN row never counts as converged and the solve reports failure, but the other
+    rows are solved and stop being evaluated."""
+    y = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [-3.0, 0.5]], dtype=torch.float64)
+    g = _CountingRows()
+    result = solve_fixed_point(g, y, solver=solver, max_iter=200)
+    assert not result.converged and result.iterations == 200
+    assert g.rows[-1] == 1
+    torch.testing.assert_close(result.solution[[0, 2]], y[[0, 2]] / 1.5)

@@ -60,7 +60,13 @@ class LipSwish(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         beta = F.softplus(self.rho).reshape(1, -1, *([1] * (x.dim() - 2)))
-        return x * torch.sigmoid(beta * x) / 1.1
+        # In place on temporaries, as Residual Flows does: the product beta * x is not
+        # needed by its backward, nor is x * sigmoid; without autograd the gate takes
+        # the product too. The same operations in the same order either way.
+        gate = torch.sigmoid_(beta * x)
+        if torch.is_grad_enabled():
+            return (x * gate).div_(1.1)
+        return gate.mul_(x).div_(1.1)
 
 
 ACTIVATIONS = ("elu", "lipswish")
