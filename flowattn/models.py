@@ -49,6 +49,7 @@ __all__ = [
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import time
 import typing
@@ -207,6 +208,16 @@ class ModelConfig:
                 values[key] = value
         if values["n_terms"] is None:
             values["n_terms"] = 2 if values["estimator"] == "roulette" else 5
+        estimator = values["estimator"]
+        if estimator in ESTIMATORS and "gradient" not in values["estimator_options"]:
+            # recorded, so that a saved config keeps the log-det gradient it trained with
+            # should the default change (the series' did, from "backprop", in 0.2.1)
+            default = inspect.signature(ESTIMATORS[estimator]).parameters.get("gradient")
+            if default is not None:
+                values["estimator_options"] = {
+                    **values["estimator_options"],
+                    "gradient": default.default,
+                }
         if values["attention"] in ("none", ""):
             values["attention"] = None
         values["image_shape"] = tuple(int(s) for s in values["image_shape"])

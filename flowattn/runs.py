@@ -330,6 +330,27 @@ def unwritable_reason(directory: Path) -> str | None:
     return None
 
 
+def _check_resumed_model(saved: dict[str, Any], now: ModelConfig, run_dir: Path, log) -> None:
+    """Raises if the checkpoint's model config differs from the run's (both resolved);
+    says so when the checkpoint does not record the series' log-det gradient."""
+    resolved, current = ModelConfig.from_dict(saved).to_dict(), now.to_dict()
+    if resolved != current:
+        changed = [k for k in current if resolved.get(k) != current[k]]
+        diff = ", ".join(f"{k} {resolved[k]!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            f"--resume: {run_dir} holds a different model ({diff}); resume with the run's "
+            "own model settings or choose another --run-dir"
+        )
+    if resolved["estimator"] == "series" and "gradient" not in saved["estimator_options"]:
+        gradient = current["estimator_options"]["gradient"]
+        log(
+            f"warning: the checkpoint does not record its series' log-det gradient (flowattn "
+            f"before 0.2.1); continuing with {gradient!r}. Runs started before the default "
+            "became 'neumann' trained with 'backprop' (the same expected gradient, at a "
+            "higher cost); pass model option estimator_options.gradient to choose."
+        )
+
+
 def run_training(
     config: RunConfig,
     *,
@@ -388,14 +409,8 @@ def run_training(
             f"model image_shape {tuple(config.model['image_shape'])} does not match the "
             f"dataset's images {model.image_shape}"
         )
-    if state is not None and state["model_config"] != model.config.to_dict():
-        saved = ModelConfig.from_dict(state["model_config"]).to_dict()
-        now = model.config.to_dict()
-        diff = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])
-        raise ConfigError(
-            f"--resume: {run_dir} holds a different model ({diff}); resume with the run's "
-            "own model settings or choose another --run-dir"
-        )
+    if state is not None:
+        _check_resumed_model(state["model_config"], model.config, run_dir, log)
     # probes and dequantisation noise differ per rank
     torch.manual_seed(config.seed + 1000 * rank)
     trainer = Trainer(

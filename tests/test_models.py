@@ -335,3 +335,24 @@ def test_attention_certified_switch_reaches_the_model():
     assert "power series" in faithful.estimator_description()  # the faithful kind's series
     with pytest.raises(ValueError, match="attention_certified must be true or false"):
         _model("iresnet-attn", "dot", attention_certified="no")
+
+
+@pytest.mark.parametrize(
+    ("estimator", "options", "recorded"),
+    [
+        ("series", {}, {"gradient": "neumann"}),
+        ("series", {"gradient": "backprop"}, {"gradient": "backprop"}),
+        ("roulette", {"memory_efficient": True}, {"memory_efficient": True, "gradient": "neumann"}),
+        ("exact", {}, {}),
+    ],
+)
+def test_the_resolved_config_records_the_log_det_gradient(estimator, options, recorded):
+    """The series estimators' gradient is written into the resolved config (so a saved
+    config keeps it if the default changes), and the built estimator uses it."""
+    config = ModelConfig.from_dict(
+        {"preset": "iresnet", "estimator": estimator, "estimator_options": options}
+    )
+    assert config.estimator_options == recorded
+    model = build_model(config)
+    step = next(step for _, step in model.residual_steps())
+    assert getattr(step.estimator, "gradient", None) == recorded.get("gradient")

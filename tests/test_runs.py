@@ -1,3 +1,4 @@
+import dataclasses
 import math
 from pathlib import Path
 
@@ -223,6 +224,42 @@ def test_resume_into_a_run_of_another_model_is_refused_before_anything_changes(t
         run_training(other, resume=True, progress=False, log=_quiet)
     assert "hidden 8 -> 16" in str(error.value) and "\n" not in str(error.value)
     assert _files(run) == before
+
+
+@pytest.mark.parametrize("gradient", ["neumann", "backprop"])
+def test_a_checkpoint_records_the_log_det_gradient_it_trained_with(tmp_path, gradient):
+    """The series' gradient is written into the checkpoint's model config, so a resume
+    with the other one is refused."""
+    model = {**FAST["model"], "estimator": "series"}
+    config = _config(tmp_path, steps=2, eval_every=0,
+                     model={**model, "estimator_options": {"gradient": gradient}})  # fmt: skip
+    run_training(config, progress=False, log=_quiet)
+    state = load_checkpoint(tmp_path / "run")
+    assert state["model_config"]["estimator_options"] == {"gradient": gradient}
+    other = "backprop" if gradient == "neumann" else "neumann"
+    switched = _config(tmp_path, steps=3, model={**model, "estimator_options": {"gradient": other}})
+    with pytest.raises(ValueError, match=f"'gradient': '{gradient}'}} -> .*'{other}'"):
+        run_training(switched, resume=True, progress=False, log=_quiet)
+
+
+def test_a_checkpoint_without_the_gradient_resumes_with_a_warning(tmp_path):
+    """A checkpoint from before the gradient was recorded (flowattn 0.2.0) resumes with
+    today's default, and says so."""
+    config = _config(
+        tmp_path, steps=2, eval_every=0, model={**FAST["model"], "estimator": "series"}
+    )
+    run_training(config, progress=False, log=_quiet)
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert state["model_config"]["estimator_options"] == {"gradient": "neumann"}
+    state["model_config"]["estimator_options"] = {}
+    save_checkpoint(state, path)
+    lines = []
+    run_training(
+        dataclasses.replace(config, steps=3), resume=True, progress=False, log=lines.append
+    )
+    warned = [line for line in lines if "does not record its series' log-det gradient" in line]
+    assert len(warned) == 1 and "continuing with 'neumann'" in warned[0]
 
 
 def test_plain_progress_lines_without_a_terminal(tmp_path):
