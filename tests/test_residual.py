@@ -82,6 +82,19 @@ def test_residual_steps_are_bijections_with_exact_logdets(variant):
     check_bijection(step, torch.randn(2, 4, 4, 4, dtype=torch.float64) * 0.5)
 
 
+@pytest.mark.parametrize("variant", [*STEPS, "faithful:dot", "faithful:concat"])
+def test_every_branch_acts_on_each_sample_alone(variant):
+    """The fixed-point inverse drops samples from the batch as they converge, which is
+    only right if a branch's output for one sample does not depend on the others."""
+    branch = _exact_step(variant).branch
+    stress_weights(branch, 1.5)
+    x = torch.randn(5, 4, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        together = branch(x)
+        alone = torch.cat([branch(x[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+
+
 class _Expanding(torch.nn.Module):
     """A branch with Lipschitz constant 2: its fixed-point iteration diverges."""
 
