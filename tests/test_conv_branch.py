@@ -199,3 +199,24 @@ def test_a_training_forward_certifies_before_the_flow_runs(monkeypatch):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_the_branch_is_its_layers_composed(activation):
+    """g = conv3 . act . conv2 . act . conv1 . act with the certified weights, as written
+    out layer by layer (LipSwish's division, folded into the next convolution's weight
+    in the branch, done here by the activation itself)."""
+    g = ConvResidualBranch(3, hidden=5, coeff=0.9, activation=activation).double()
+    stress_weights(g, 3.0)
+    with torch.no_grad():
+        for act in g.acts:
+            if isinstance(act, LipSwish):
+                act.rho.normal_()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    scales = g._scales(g._norms((6, 6)))
+    h = x
+    for act, conv, scale in zip(g.acts, g.convs, scales, strict=True):
+        h = torch.nn.functional.conv2d(act(h), conv.weight * scale, conv.bias, padding=conv.padding)
+    torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)

@@ -58,15 +58,24 @@ class LipSwish(nn.Module):
         super().__init__()
         self.rho = nn.Parameter(torch.full((channels,), 0.5))
 
+    divisor = 1.1  # sup over x and beta >= 0 of |d/dx x sigmoid(beta x)| is about 1.0998
+
     def forward(self, x: Tensor) -> Tensor:
+        return self.undivided(x).div_(self.divisor)
+
+    def undivided(self, x: Tensor) -> Tensor:
+        r""":math:`x \sigma(\beta x)`, LipSwish before its division by
+        :attr:`divisor`: for a caller that folds the division into the linear map that
+        follows (as :class:`ConvResidualBranch` does, saving a pass over the
+        activations)."""
         beta = F.softplus(self.rho).reshape(1, -1, *([1] * (x.dim() - 2)))
         # In place on temporaries, as Residual Flows does: the product beta * x is not
         # needed by its backward, nor is x * sigmoid; without autograd the gate takes
         # the product too. The same operations in the same order either way.
         gate = torch.sigmoid_(beta * x)
         if torch.is_grad_enabled():
-            return (x * gate).div_(1.1)
-        return gate.mul_(x).div_(1.1)
+            return x * gate
+        return gate.mul_(x)
 
 
 ACTIVATIONS = ("elu", "lipswish")
@@ -151,6 +160,9 @@ class ConvResidualBranch(nn.Module):
         self, spatial: tuple[int, int], scales: list[Tensor] | None = None
     ) -> list[Tensor]:
         scales = self._scales(self._norms(spatial)) if scales is None else scales
+        if self.activation == "lipswish":
+            # every LipSwish is followed by a convolution, which takes its division
+            scales = [s / LipSwish.divisor for s in scales]
         return [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,7 +174,9 @@ class ConvResidualBranch(nn.Module):
         h = x
         layers = zip(self.acts, self.convs, self._weights(spatial), strict=True)
         for i, (act, conv, weight) in enumerate(layers):
-            if i > 0 and isinstance(act, nn.ELU):
+            if isinstance(act, LipSwish):
+                h = act.undivided(h)  # the weight took the division (_rescaled)
+            elif i > 0:
                 # in place on a convolution's output (not needed by its backward); ELU's
                 # backward reads its own result, so autograd allows it
                 h = F.elu(h, inplace=True)
