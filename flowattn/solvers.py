@@ -89,17 +89,24 @@ class _Tolerance:
     """Each element's tolerance ``atol + rtol * max(|x|, |y|)`` for the rows still being
     solved (samples, flattened to (rows, d)), and the tests against it. Maxima are taken
     first (one pass each, no temporaries); the element-wise test runs only when they
-    allow some row to converge."""
+    allow some row to converge. y's part, ``atol + rtol |y|``, is computed once: rounding
+    is monotonic, so the tolerance is the larger of x's part and y's exactly."""
 
-    def __init__(self, y_abs: Tensor, y_max: float, atol: float, rtol: float):
-        self.y_abs, self.y_max, self.atol, self.rtol = y_abs, y_max, atol, rtol
+    def __init__(self, allowed_y: Tensor, y_max: float, atol: float, rtol: float):
+        self.allowed_y, self.y_max, self.atol, self.rtol = allowed_y, y_max, atol, rtol
+
+    @classmethod
+    def of(cls, y: Tensor, atol: float, rtol: float) -> _Tolerance:
+        """The tolerance of outputs y (rows, d)."""
+        return cls(y.abs().mul_(rtol).add_(atol), _abs_max(y), atol, rtol)
 
     def rows(self, keep: Tensor) -> _Tolerance:
         """The tolerance of the rows selected by the boolean mask ``keep``."""
-        return _Tolerance(self.y_abs[keep], self.y_max, self.atol, self.rtol)
+        return _Tolerance(self.allowed_y[keep], self.y_max, self.atol, self.rtol)
 
     def allowed(self, x: Tensor) -> Tensor:
-        return torch.maximum(x.abs(), self.y_abs).mul_(self.rtol).add_(self.atol)
+        allowed = x.abs().mul_(self.rtol).add_(self.atol)
+        return torch.maximum(allowed, self.allowed_y, out=allowed)
 
     def check(self, x: Tensor, gap: Tensor) -> tuple[Tensor | None, Tensor]:
         """(which rows of iterate x converged, as a boolean mask, or None for none of
@@ -110,7 +117,10 @@ class _Tolerance:
         smallest = float(torch.nan_to_num(residuals, nan=math.inf).min())
         if smallest > self.atol + self.rtol * max(_abs_max(x), self.y_max):
             return None, residuals
-        return (gap.abs() <= self.allowed(x)).all(dim=1), residuals
+        # |gap| - allowed <= 0 exactly when |gap| <= allowed (and never for a NaN); a
+        # maximum along rows is several times faster here than all() of a comparison
+        over = gap.abs().sub_(self.allowed(x))
+        return over.amax(dim=1) <= 0, residuals
 
     def report(self, x: Tensor, gap: Tensor, converged: bool) -> tuple[float, float]:
         """(gap, tolerance) reported for an iterate: the largest gap when every element
@@ -122,22 +132,25 @@ class _Tolerance:
             if float(size[worst]) > float(allowed[worst]):
                 return float(size[worst]), float(allowed[worst])
         worst = int(torch.argmax(size))
-        bigger = max(abs(float(x.flatten()[worst])), float(self.y_abs.flatten()[worst]))
-        return float(size[worst]), self.atol + self.rtol * bigger
+        from_x = self.atol + self.rtol * abs(float(x.flatten()[worst]))
+        return float(size[worst]), max(from_x, float(self.allowed_y.flatten()[worst]))
 
 
 class _Progress:
     """What a solve has reached so far. Rows (samples) that meet their tolerance are
-    written to the solution and leave the solve; for the rest it keeps their best
-    iterate and whether their largest residual has stopped shrinking at rounding level.
-    :meth:`update` ends the solve (every row converged, or the rest stalled), reports
-    the rows that just left, or returns nothing new."""
+    written to the solution, and are dropped from the solve once at least half the rows
+    have (until then they ride along: dropping copies every row's state, which costs more
+    than a few evaluations of rows that are done); for the rows still going it keeps their
+    best iterate and whether their largest residual has stopped shrinking at rounding
+    level. :meth:`update` ends the solve (every row converged, or the rest stalled),
+    returns the rows to keep when some are dropped, or returns nothing new."""
 
     def __init__(self, tolerance: _Tolerance, max_iter: int, x: Tensor):
         self.tolerance, self.max_iter = tolerance, max_iter
         self.floor = _noise_floor(tolerance.y_max, x.dtype)
         self.solution = x.clone()  # (B, d); rows are written as they finish
         self.active = torch.arange(x.shape[0], device=x.device)  # batch index of each row
+        self.done: Tensor | None = None  # rows written to the solution, not yet dropped
         self.finished: tuple[float, float] = (0.0, 0.0)  # the largest reported gap so far
         self.best: tuple[Tensor, Tensor, float] | None = None  # (iterate, its value, residual)
         self.least = math.inf  # the smallest residual that was a 0.1% gain
@@ -148,20 +161,29 @@ class _Progress:
     ) -> FixedPointResult | Tensor | None:
         """Takes the map's value ``fx`` at the iterate ``x`` (the ``it``-th evaluation;
         both (rows, d)) and ``gap = fx - x`` (not modified). Returns the result when the
-        solve ends, else the mask of the rows that go on when some just converged (the
-        caller drops the others from its state), else None."""
+        solve ends, else the mask of the rows to keep when some are dropped (the caller
+        drops the others from its state too), else None."""
         converged, residuals = self.tolerance.check(x, gap)
+        if converged is not None:
+            if self.done is not None:
+                converged = converged & ~self.done
+            if bool(converged.any()):
+                self._finish(converged, x, gap)
+                self.done = converged if self.done is None else self.done | converged
         keep = None
-        if converged is not None and bool(converged.any()):
-            self._finish(converged, x, gap)
-            if bool(converged.all()):
+        if self.done is not None:
+            finished = int(self.done.sum())
+            if finished == len(self.done):
                 return self._result(it, self.finished, True)
-            keep = ~converged
-            self.tolerance = self.tolerance.rows(keep)
-            self.active = self.active[keep]
-            x, fx, residuals = x[keep], fx[keep], residuals[keep]
-            if self.best is not None:
-                self.best = (self.best[0][keep], self.best[1][keep], self.best[2])
+            if 2 * finished >= len(self.done):
+                keep, self.done = ~self.done, None
+                self.tolerance = self.tolerance.rows(keep)
+                self.active = self.active[keep]
+                x, fx, residuals = x[keep], fx[keep], residuals[keep]
+                if self.best is not None:
+                    self.best = (self.best[0][keep], self.best[1][keep], self.best[2])
+            else:
+                residuals = residuals.masked_fill(self.done, 0.0)
         residual = float(residuals.max())
         if self.best is None or residual < self.best[2]:
             self.best = (x, fx, residual)
@@ -170,9 +192,17 @@ class _Progress:
         else:
             self.since += 1
         if self.since >= STALL_PATIENCE and self.least <= self.floor:
-            self.solution[self.active] = self.best[0]
+            rows, best_x, _ = self._going(*self.best[:2])
+            self.solution[rows] = best_x
             return self._result(it, (self.best[2], self.floor), True)
         return keep
+
+    def _going(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch indices, x, fx) of the rows not yet written to the solution."""
+        if self.done is None:
+            return self.active, x, fx
+        going = ~self.done
+        return self.active[going], x[going], fx[going]
 
     def _finish(self, converged: Tensor, x: Tensor, gap: Tensor) -> None:
         """Writes the converged rows to the solution and keeps the largest gap reported."""
@@ -188,12 +218,13 @@ class _Progress:
         """The result when ``max_iter`` is spent: converged if the best residual of the
         rows left is at rounding level (below the floor), as a stall there would have
         concluded."""
-        x, fx, residual = self.best
-        self.solution[self.active] = x
+        rows, x, fx = self._going(*self.best[:2])
+        self.solution[rows] = x
+        residual = self.best[2]
         if residual <= self.floor:
             return self._result(self.max_iter, (residual, self.floor), True)
-        report = self.tolerance.report(x, fx - x, False)
-        return self._result(self.max_iter, report, False)
+        tolerance = self.tolerance if self.done is None else self.tolerance.rows(~self.done)
+        return self._result(self.max_iter, tolerance.report(x, fx - x, False), False)
 
 
 class _AndersonHistory:
@@ -304,7 +335,7 @@ def solve_fixed_point(
     shape, b = y.shape, y.shape[0]
     y = y.reshape(b, -1)
     x = (y if x0 is None else x0.reshape(b, -1)).clone()
-    tolerance = _Tolerance(y.abs(), _abs_max(y), atol, rtol)
+    tolerance = _Tolerance.of(y, atol, rtol)
     progress = _Progress(tolerance, max_iter, x)
     history = None if solver == "banach" else _AndersonHistory(x, memory, damping, regularization)
     for it in range(1, max_iter + 1):

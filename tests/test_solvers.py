@@ -116,18 +116,19 @@ class _CountingRows:
 
 @pytest.mark.parametrize("solver", ["banach", "anderson"])
 def test_rows_leave_the_solve_as_they_converge(solver):
-    """A row that meets its tolerance is not evaluated again, and every row's returned
-    iterate is within its own tolerance: the same solutions as solving each row alone."""
-    y = torch.tensor([[0.0, 0.0], [1.0, -2.0], [1e-3, 2e-3]], dtype=torch.float64)
+    """Rows that meet their tolerance are not evaluated again once at least half the
+    rows have, and every row's returned iterate is its first within its own tolerance:
+    the same solutions as solving each row alone."""
+    y = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, -2.0], [1e-3, 2e-3]], dtype=torch.float64)
     g = _CountingRows()
     result = solve_fixed_point(g, y, solver=solver)
     assert result.converged
-    assert g.rows[0] == 3 and g.rows[-1] < 3  # the zero row converged at once
-    assert sum(g.rows) < 3 * result.iterations
+    assert g.rows[0] == 4 and g.rows[1] == 2  # the zero rows converged at once
+    assert sum(g.rows) < 4 * result.iterations
     gap = (y - 0.5 * result.solution - result.solution).abs()
     eps = 2 * torch.finfo(torch.float64).eps
     assert (gap <= eps + eps * torch.maximum(result.solution.abs(), y.abs())).all()
-    for i in range(3):
+    for i in range(4):
         alone = solve_fixed_point(_CountingRows(), y[i : i + 1], solver=solver)
         torch.testing.assert_close(result.solution[i], alone.solution[0], rtol=0, atol=0)
 
@@ -142,3 +143,15 @@ def test_a_row_that_cannot_converge_does_not_hold_the_others(solver):
     assert not result.converged and result.iterations == 200
     assert g.rows[-1] == 1
     torch.testing.assert_close(result.solution[[0, 2]], y[[0, 2]] / 1.5)
+
+
+@pytest.mark.parametrize("solver", ["banach", "anderson"])
+def test_a_row_done_early_keeps_its_first_converged_iterate(solver):
+    """A row within tolerance at once (|gap| = y / 3 < atol) while most rows are not
+    rides along in later iterations but keeps the iterate that converged, as alone."""
+    y = torch.tensor([[1e-20, 1e-20], [1.0, -2.0], [3.0, 1.0], [-2.0, 5.0]], dtype=torch.float64)
+    result = solve_fixed_point(_CountingRows(), y, solver=solver)
+    assert result.converged and result.iterations > 1
+    assert torch.equal(result.solution[0], y[0])  # x0 = y, not y / 1.5
+    alone = solve_fixed_point(_CountingRows(), y[:1], solver=solver)
+    assert alone.iterations == 1 and torch.equal(alone.solution[0], y[0])
