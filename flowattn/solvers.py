@@ -12,9 +12,10 @@ Convergence is tested per element as
 :math:`|T(x) - x| \leq atol + rtol \cdot \max(|x|, |y|)` (like :func:`torch.allclose`,
 with the relative part measured against the larger of the output y and the iterate x,
 so that no element is asked for more precision than x's own floating-point spacing).
-Each sample (a row of the batch) leaves the solve at the first iterate where all its
-elements meet their tolerance, and is not evaluated again; the map must therefore act on
-each row independently, as a flow's residual branch does. The result records the
+Each sample (a row of the batch) is solved at the first iterate where all its elements
+meet their tolerance; once at least half the rows are, they are dropped from the batch
+and not evaluated again. The map must therefore act on each row independently, as a
+flow's residual branch does. The result records the
 iterations used (by the slowest row) and the residual reached; callers decide whether to
 warn or raise.
 
