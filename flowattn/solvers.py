@@ -236,9 +236,10 @@ class _AndersonHistory:
     def __init__(self, x: Tensor, m: int, beta: float, lam: float):
         b, d = x.shape
         self.m, self.beta, self.lam = m, beta, lam
-        self.fs = x.new_zeros(b, m, d)
-        self.gaps = x.new_zeros(b, m, d)
-        self.xs = x.new_zeros(b, m, d) if beta != 1.0 else None
+        # uninitialised: iteration it writes slot (it - 1) % m before any read of it
+        self.fs = x.new_empty(b, m, d)
+        self.gaps = x.new_empty(b, m, d)
+        self.xs = x.new_empty(b, m, d) if beta != 1.0 else None
         self.gram = torch.zeros(b, m, m, dtype=torch.float64, device=x.device)
         self.eye = torch.eye(m, dtype=torch.float64, device=x.device)
 
