@@ -15,9 +15,8 @@ so that no element is asked for more precision than x's own floating-point spaci
 Each sample (a row of the batch) is solved at the first iterate where all its elements
 meet their tolerance; once at least half the rows are, they are dropped from the batch
 and not evaluated again. The map must therefore act on each row independently, as a
-flow's residual branch does. The result records the
-iterations used (by the slowest row) and the residual reached; callers decide whether to
-warn or raise.
+flow's residual branch does. The result records the iterations used (by the slowest
+row) and the residual reached; callers decide whether to warn or raise.
 
 References:
     | Invertible Residual Networks (Behrmann et al., 2019)

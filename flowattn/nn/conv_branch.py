@@ -54,11 +54,11 @@ class LipSwish(nn.Module):
         0.0
     """
 
+    divisor = 1.1  # sup over x and beta >= 0 of |d/dx x sigmoid(beta x)| is about 1.0998
+
     def __init__(self, channels: int):
         super().__init__()
         self.rho = nn.Parameter(torch.full((channels,), 0.5))
-
-    divisor = 1.1  # sup over x and beta >= 0 of |d/dx x sigmoid(beta x)| is about 1.0998
 
     def forward(self, x: Tensor) -> Tensor:
         return self.undivided(x).div_(self.divisor)
