@@ -28,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConstrainedLinear",
+    "ConvBoundMemory",
     "RowL1Rescale",
     "SpectralRescale",
     "conv_power_iteration",
@@ -111,20 +112,26 @@ def _gram(blocks: Tensor) -> Tensor:
     return torch.complex(products[..., :n], products[..., n:])
 
 
-def _largest_singular_value(block: Tensor, top: Tensor | None = None) -> Tensor:
+def _largest_singular_value(
+    block: Tensor, top: Tensor | None = None, direction: Tensor | None = None
+) -> Tensor:
     r"""Largest singular value of one (m, n) block (real or complex), certified in float64.
 
-    ``top`` is the block's largest Gram eigenvalue when the caller already has it. The
-    returned value is the float64 one (rounded to the block's real dtype); its gradient
-    flows through :math:`\|B v\|` for the fixed top right singular vector :math:`v`.
+    ``top`` is the block's largest Gram eigenvalue and ``direction`` its eigenvector,
+    when the caller already has them (the Gram of ``block``, or of ``block.mH`` when
+    m < n). The returned value is the float64 one (rounded to the block's real dtype);
+    its gradient flows through :math:`\|B v\|` for the fixed top right singular vector
+    :math:`v`.
     """
     if block.shape[-2] < block.shape[-1]:
         block = block.mH  # the same singular values, from the smaller Gram matrix
     with torch.no_grad():
-        gram = _gram(block.detach().to(torch.complex128 if block.is_complex() else torch.float64))
-        values, vectors = torch.linalg.eigh(gram)
-        certified = (values[-1] if top is None else top).clamp_min(0).sqrt()
-        direction = vectors[:, -1].to(block.dtype)
+        if top is None or direction is None:
+            precise = torch.complex128 if block.is_complex() else torch.float64
+            values, vectors = torch.linalg.eigh(_gram(block.detach().to(precise)))
+            top, direction = values[-1], vectors[:, -1]
+        certified = top.clamp_min(0).sqrt()
+        direction = direction.to(block.dtype)
     norm = torch.linalg.vector_norm(block @ direction)
     # the float64 eigenvalue is the certified value; the differentiable norm supplies
     # the gradient (they agree to rounding)
@@ -259,7 +266,57 @@ def conv_power_iteration(
     return sigma
 
 
-def conv_spectral_upper_bound(weight: Tensor, spatial: tuple[int, int]) -> Tensor:
+class ConvBoundMemory:
+    r"""What :func:`conv_spectral_upper_bound` keeps between calls on one convolution.
+
+    For each grid it holds the DFT phases of the kernel's taps and, with warm starts,
+    an estimate of every frequency's top singular vector (the last call's, advanced by
+    one power step). With them a call eigensolves only the few frequencies it cannot
+    prove to be below the worst one, instead of all of them (see
+    :func:`_largest_gram_eigenvalue`). The bound's value does not depend on what is
+    kept: only its cost does. Not pickled (a copy starts empty).
+
+    Arguments:
+        warm_start: Whether calls reuse the previous call's vectors. Choosing which
+            frequencies to eigensolve reads a few values back to the host: free on the
+            CPU, a stall of the queue on an accelerator, whose batched eigensolves are
+            cheap anyway. None (default): on the CPU only.
+
+    Examples:
+        >>> memory = ConvBoundMemory()
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> first = conv_spectral_upper_bound(w, (6, 6), memory)
+        >>> bool(conv_spectral_upper_bound(w, (6, 6), memory) == first)
+        True
+    """
+
+    def __init__(self, warm_start: bool | None = None):
+        self.warm_start = warm_start
+        self._grids: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    def warm(self, device: torch.device) -> bool:
+        """Whether calls on ``device`` keep and reuse vectors."""
+        return device.type == "cpu" if self.warm_start is None else self.warm_start
+
+    def phases(self, k: int, grid: tuple[int, int], device: torch.device) -> Tensor:
+        key = (k, grid, device)
+        if key not in self._grids:
+            self._grids[key] = (_tap_phases(k, grid, device), None)
+        return self._grids[key][0]
+
+    def vectors(self, k: int, grid: tuple[int, int], device: torch.device) -> Tensor | None:
+        return self._grids.get((k, grid, device), (None, None))[1]
+
+    def remember(self, k: int, grid: tuple[int, int], device: torch.device, vectors: Tensor):
+        self._grids[(k, grid, device)] = (self.phases(k, grid, device), vectors)
+
+    def __getstate__(self) -> dict:
+        return {"warm_start": self.warm_start, "_grids": {}}
+
+
+def conv_spectral_upper_bound(
+    weight: Tensor, spatial: tuple[int, int], memory: ConvBoundMemory | None = None
+) -> Tensor:
     r"""Proven upper bound on the spectral norm of a zero-padded, stride-1 convolution.
 
     A "same" convolution with zero padding on an :math:`H \times W` image is the
@@ -272,6 +329,9 @@ def conv_spectral_upper_bound(weight: Tensor, spatial: tuple[int, int]) -> Tenso
     Arguments:
         weight: Convolution weight (out, in, k, k) with odd k.
         spatial: The (H, W) size of the images it is applied to.
+        memory: State kept between calls on the same convolution (one
+            :class:`ConvBoundMemory` per convolution): it makes repeated calls on a
+            slowly changing weight (training) cheaper, and does not change the value.
 
     Returns:
         A scalar tensor, differentiable with respect to ``weight``.
@@ -283,19 +343,78 @@ def conv_spectral_upper_bound(weight: Tensor, spatial: tuple[int, int]) -> Tenso
         tensor(2.)
     """
     k = weight.shape[-1]
-    h, w = spatial[0] + k - 1, spatial[1] + k - 1
-    phases = _tap_phases(k, (h, w), weight.device)  # (F, k k), F <= h (w // 2 + 1)
+    grid = (spatial[0] + k - 1, spatial[1] + k - 1)
+    if memory is None:
+        phases = _tap_phases(k, grid, weight.device)  # (F, k k), F <= h (w // 2 + 1)
+    else:
+        phases = memory.phases(k, grid, weight.device)
     with torch.no_grad():
-        # Squared singular values are the eigenvalues of the smaller Gram matrix: one
-        # Hermitian eigensolve per frequency (direct, in float64) instead of an SVD.
-        tops = torch.linalg.eigvalsh(_frequency_grams(weight.detach().double(), phases))[:, -1]
-        top, worst = tops.max(dim=0)  # tensors: no host sync on an accelerator
+        # Squared singular values are the eigenvalues of the smaller Gram matrix
+        # (Hermitian, float64): its largest over the frequencies is the certificate.
+        grams = _frequency_grams(weight.detach().double(), phases)
+        warm = memory is not None and memory.warm(weight.device)
+        known = memory.vectors(k, grid, weight.device) if warm else None
+        top, worst, vector, vectors = _largest_gram_eigenvalue(grams, known, keep=warm)
+        if warm:
+            memory.remember(k, grid, weight.device, vectors)
+        if weight.shape[1] > weight.shape[0]:
+            # the Grams were of the transposed kernel: B^T at each frequency, whose
+            # Gram is conj(B B^H); B^H's right singular vector is the conjugate
+            vector = vector.conj()
     # Only the worst frequency carries a gradient (the max's subgradient): its block is
     # the kernel's DFT at that frequency, computed directly from the k x k taps.
     complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
     phase = phases.index_select(0, worst.reshape(1))[0]
     block = weight.flatten(2).to(complex_dtype) @ phase.conj().to(complex_dtype)
-    return _largest_singular_value(block, top).to(weight.dtype)
+    return _largest_singular_value(block, top, vector).to(weight.dtype)
+
+
+def _largest_gram_eigenvalue(
+    grams: Tensor, vectors: Tensor | None = None, keep: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    r"""The largest eigenvalue over a batch of Hermitian PSD matrices (F, n, n).
+
+    Returns ``(top, index, vector, vectors)``: the largest of the matrices' float64
+    eigenvalues (``eigvalsh``'s, as if every matrix were eigensolved), the index of its
+    matrix and its eigenvector, and (with ``vectors`` or ``keep``, else None) an
+    estimate of every matrix's top eigenvector, (F, n), for the next call.
+
+    Without ``vectors`` every matrix is eigensolved. With estimates :math:`u_f` of their
+    top eigenvectors (a previous call's), the largest Rayleigh quotient
+    :math:`t = \max_f u_f^H G_f u_f / u_f^H u_f` is at most the top eigenvalue
+    :math:`\lambda^*`. A matrix for which :math:`(t - s) I - G_f` has a Cholesky factor
+    has every eigenvalue below :math:`t`: the slack :math:`s = 8 n (n + 2)\,
+    \varepsilon\, t` exceeds the factorisation's backward error and the quotient's
+    rounding (Higham, *Accuracy and Stability of Numerical Algorithms*, Thm 10.3), so
+    the matrix holding :math:`\lambda^*` never passes. Only the matrices that fail are
+    eigensolved, and the largest of their eigenvalues is :math:`\lambda^*`. Every
+    estimate then takes one power step, and the worst matrix's is replaced by its
+    eigenvector.
+    """
+    n = grams.shape[-1]
+    tiny = torch.finfo(grams.dtype).tiny
+    if vectors is not None and vectors.shape == grams.shape[:-1]:
+        products = (grams @ vectors.unsqueeze(-1)).squeeze(-1)  # G_f u_f
+        lengths = vectors.abs().square().sum(-1).clamp_min(tiny)
+        t = ((vectors.conj() * products).sum(-1).real / lengths).max()
+        slack = 8 * n * (n + 2) * torch.finfo(grams.dtype).eps * t
+        eye = torch.eye(n, dtype=grams.dtype, device=grams.device)
+        _, failed = torch.linalg.cholesky_ex((t - slack) * eye - grams)
+        unproven = failed.nonzero().squeeze(1)
+        if bool(torch.isfinite(t)) and float(t) > 0 and unproven.numel() > 0:
+            top, i = torch.linalg.eigvalsh(grams.index_select(0, unproven))[:, -1].max(dim=0)
+            worst = unproven[i]
+            vector = torch.linalg.eigh(grams[worst])[1][:, -1]
+            lengths = torch.linalg.vector_norm(products, dim=-1, keepdim=True)
+            advanced = products / lengths.clamp_min(tiny)
+            advanced[worst] = vector
+            return top, worst, vector, advanced
+    top, worst = torch.linalg.eigvalsh(grams)[:, -1].max(dim=0)  # tensors: no host sync
+    if keep or vectors is not None:
+        vectors = torch.linalg.eigh(grams)[1][..., -1]
+        return top, worst, vectors.index_select(0, worst.reshape(1))[0], vectors
+    worst_gram = grams.index_select(0, worst.reshape(1))[0]
+    return top, worst, torch.linalg.eigh(worst_gram)[1][:, -1], None
 
 
 def _tap_phases(k: int, grid: tuple[int, int], device: torch.device) -> Tensor:

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from flowattn.lipschitz import (
     ConstrainedLinear,
+    ConvBoundMemory,
     RowL1Rescale,
     SpectralRescale,
+    _largest_gram_eigenvalue,
     _tap_phases,
     conv_power_iteration,
     conv_spectral_upper_bound,
@@ -160,3 +162,99 @@ def test_the_certificate_keeps_one_block_per_conjugate_pair(shape, grid):
     h, w = grid
     mirrored_columns = 1 + (w % 2 == 0)
     assert phases.shape[0] == h * (w // 2 + 1) - mirrored_columns * ((h - 1) // 2)
+
+
+def _random_grams(n_blocks: int, n: int, seed: int = 0) -> torch.Tensor:
+    """(n_blocks, n, n) complex128 Gram matrices B^H B of random (n + 2, n) blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(n_blocks, n + 2, n, dtype=torch.complex128, generator=generator)
+    return blocks.mH @ blocks
+
+
+VECTOR_CASES = ["exact", "random", "orthogonal", "nan", "none", "tie", "near-tie", "zero"]
+
+
+@pytest.mark.parametrize("case", VECTOR_CASES)
+def test_the_largest_gram_eigenvalue_is_eigvalsh_s_whatever_the_start(case):
+    """With any starting vectors (exact top eigenvectors, random ones, ones orthogonal to
+    the top eigenvector, NaN, none) and blocks tied with the worst or within rounding of
+    it, the value is the largest of eigvalsh's values bit for bit, the index holds it,
+    and the vector is its eigenvector."""
+    grams = _random_grams(24, 6)
+    if case == "tie":
+        worst = int(torch.linalg.eigvalsh(grams)[:, -1].argmax())
+        grams[(worst + 5) % 24] = grams[worst]
+    if case == "near-tie":  # 1e-14 below the worst: inside the Cholesky test's slack
+        worst = int(torch.linalg.eigvalsh(grams)[:, -1].argmax())
+        grams[(worst + 5) % 24] = grams[worst] * (1 - 1e-14)
+    if case == "zero":
+        grams = torch.zeros_like(grams)
+    eigenvectors = torch.linalg.eigh(grams)[1]
+    vectors = {
+        "exact": eigenvectors[..., -1],
+        "random": torch.randn(24, 6, dtype=torch.complex128),
+        "orthogonal": eigenvectors[..., 0],  # quotients are the smallest eigenvalues
+        "nan": torch.full((24, 6), float("nan"), dtype=torch.complex128),
+        "none": None,
+    }.get(case, eigenvectors[..., -1])
+    top, index, vector, estimates = _largest_gram_eigenvalue(grams, vectors)
+    values = torch.linalg.eigvalsh(grams)[:, -1]
+    assert top.item() == values.max().item()
+    assert torch.linalg.eigvalsh(grams[index])[-1].item() == top.item()
+    if case != "zero":
+        residual = grams[index] @ vector - top * vector
+        assert float(residual.abs().max()) < 1e-12 * float(top)
+        assert float(torch.linalg.vector_norm(vector)) == pytest.approx(1.0)
+    assert (estimates is None) == (vectors is None)
+
+
+@pytest.mark.parametrize("shape, spatial", [((16, 4, 3, 3), (8, 8)), ((4, 16, 3, 3), (8, 6)),
+                                            ((6, 6, 5, 5), (7, 9))])  # fmt: skip
+def test_a_warm_started_bound_is_the_cold_one_along_a_training_path(
+    shape, spatial, monkeypatch
+):
+    """Along 30 small steps of the weight (as in training), the bound kept in a
+    ConvBoundMemory equals the bound without one, value and gradient bit for bit, and
+    from the third call on eigensolves at most a few of the frequencies."""
+    solved = []
+
+    def eigvalsh(matrices):
+        solved.append(matrices.shape[0] if matrices.dim() == 3 else 1)
+        return original(matrices)
+
+    original = torch.linalg.eigvalsh
+    monkeypatch.setattr(torch.linalg, "eigvalsh", eigvalsh)
+    torch.manual_seed(0)
+    weight = torch.randn(shape, requires_grad=True)
+    memory = ConvBoundMemory()
+    n_frequencies = _tap_phases(shape[-1], (spatial[0] + 2, spatial[1] + 2), "cpu").shape[0]
+    for step in range(30):
+        solved.clear()
+        warm = conv_spectral_upper_bound(weight, spatial, memory)
+        (grad_warm,) = torch.autograd.grad(warm, weight)
+        warm_solves = sum(solved)
+        cold = conv_spectral_upper_bound(weight, spatial)
+        (grad_cold,) = torch.autograd.grad(cold, weight)
+        assert warm.item() == cold.item()
+        torch.testing.assert_close(grad_warm, grad_cold, rtol=0, atol=0)
+        if step >= 2:
+            assert warm_solves <= max(3, n_frequencies // 10), (step, warm_solves)
+        with torch.no_grad():  # an Adam-sized step: 1e-3 of the weights' scale
+            weight.add_(1e-3 * weight.abs().mean() * torch.randn(shape))
+
+
+def test_a_bound_memory_is_not_pickled_and_follows_the_device_rule():
+    memory = ConvBoundMemory()
+    w = torch.randn(8, 4, 3, 3)
+    conv_spectral_upper_bound(w, (6, 6), memory)
+    conv_spectral_upper_bound(w, (6, 6), memory)
+    assert memory.vectors(3, (8, 8), w.device) is not None
+    clone = pickle.loads(pickle.dumps(memory))
+    assert clone.vectors(3, (8, 8), w.device) is None
+    assert conv_spectral_upper_bound(w, (6, 6), clone).item() == conv_spectral_upper_bound(
+        w, (6, 6)
+    ).item()
+    assert memory.warm(torch.device("cpu")) and not memory.warm(torch.device("meta"))
+    off = ConvBoundMemory(warm_start=False)
+    conv_spectral_upper_bound(w, (6, 6), off)
+    assert off.vectors(3, (8, 8), w.device) is None

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..lipschitz import conv_spectral_upper_bound, spectral_norm
+from ..lipschitz import ConvBoundMemory, conv_spectral_upper_bound, spectral_norm
 
 
 class LipSwish(nn.Module):
@@ -139,16 +139,18 @@ class ConvResidualBranch(nn.Module):
             ]
         )
         self.acts = nn.ModuleList([_activation(activation, c) for c in (channels, hidden, hidden)])
+        # the 3x3 certificates' state between calls (it makes them cheaper, not different)
+        self._bound_memory = [ConvBoundMemory() for _ in self.convs]
         self._cache: tuple[tuple, list[Tensor]] | None = None
         self._fixed: tuple[tuple[int, int], list[Tensor]] | None = None  # (size, scales)
 
     def _norms(self, spatial: tuple[int, int]) -> list[Tensor]:
         norms = []
-        for conv in self.convs:
+        for conv, memory in zip(self.convs, self._bound_memory, strict=True):
             if conv.kernel_size == (1, 1):
                 norms.append(spectral_norm(conv.weight))
             else:
-                norms.append(conv_spectral_upper_bound(conv.weight, spatial))
+                norms.append(conv_spectral_upper_bound(conv.weight, spatial, memory))
         return norms
 
     def _scales(self, norms: list[Tensor]) -> list[Tensor]:
@@ -222,6 +224,11 @@ class ConvResidualBranch(nn.Module):
         state["_cache"] = None
         state["_fixed"] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_bound_memory" not in state:  # pickled before the certificates kept state
+            self._bound_memory = [ConvBoundMemory() for _ in self.convs]
 
     @torch.no_grad()
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
