@@ -210,9 +210,7 @@ def test_the_largest_gram_eigenvalue_is_eigvalsh_s_whatever_the_start(case):
 
 @pytest.mark.parametrize("shape, spatial", [((16, 4, 3, 3), (8, 8)), ((4, 16, 3, 3), (8, 6)),
                                             ((6, 6, 5, 5), (7, 9))])  # fmt: skip
-def test_a_warm_started_bound_is_the_cold_one_along_a_training_path(
-    shape, spatial, monkeypatch
-):
+def test_a_warm_started_bound_is_the_cold_one_along_a_training_path(shape, spatial, monkeypatch):
     """Along 30 small steps of the weight (as in training), the bound kept in a
     ConvBoundMemory equals the bound without one, value and gradient bit for bit, and
     from the third call on eigensolves at most a few of the frequencies."""
@@ -251,9 +249,10 @@ def test_a_bound_memory_is_not_pickled_and_follows_the_device_rule():
     assert memory.vectors(3, (8, 8), w.device) is not None
     clone = pickle.loads(pickle.dumps(memory))
     assert clone.vectors(3, (8, 8), w.device) is None
-    assert conv_spectral_upper_bound(w, (6, 6), clone).item() == conv_spectral_upper_bound(
-        w, (6, 6)
-    ).item()
+    assert (
+        conv_spectral_upper_bound(w, (6, 6), clone).item()
+        == conv_spectral_upper_bound(w, (6, 6)).item()
+    )
     assert memory.warm(torch.device("cpu")) and not memory.warm(torch.device("meta"))
     off = ConvBoundMemory(warm_start=False)
     conv_spectral_upper_bound(w, (6, 6), off)
