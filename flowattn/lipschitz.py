@@ -407,11 +407,12 @@ def _largest_gram_eigenvalue(
             vector = torch.linalg.eigh(grams[worst])[1][:, -1]
             lengths = torch.linalg.vector_norm(products, dim=-1, keepdim=True)
             advanced = products / lengths.clamp_min(tiny)
-            advanced[worst] = vector
+            advanced.index_copy_(0, worst.reshape(1), vector[None])
             return top, worst, vector, advanced
     top, worst = torch.linalg.eigvalsh(grams)[:, -1].max(dim=0)  # tensors: no host sync
     if keep or vectors is not None:
-        vectors = torch.linalg.eigh(grams)[1][..., -1]
+        # a copy: a view would keep every matrix's eigenvectors (F, n, n) alive
+        vectors = torch.linalg.eigh(grams)[1][..., -1].contiguous()
         return top, worst, vectors.index_select(0, worst.reshape(1))[0], vectors
     worst_gram = grams.index_select(0, worst.reshape(1))[0]
     return top, worst, torch.linalg.eigh(worst_gram)[1][:, -1], None
