@@ -46,6 +46,8 @@ __all__ = [
     "LogDetEstimator",
     "PowerSeriesLogDet",
     "RussianRouletteLogDet",
+    "estimator_defaults",
+    "estimator_options",
     "make_estimator",
     "roulette_probability",
     "sample_probes",
@@ -580,8 +582,8 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
 ESTIMATORS = {"series": PowerSeriesLogDet, "roulette": RussianRouletteLogDet, "exact": ExactLogDet}
 
 
-def estimator_options(name: str) -> set[str]:
-    """Keyword options :func:`make_estimator` accepts for estimator ``name``."""
+def _constructor_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The named keyword parameters of estimator ``name``'s constructor."""
     if name not in ESTIMATORS:
         raise ValueError(
             f"unknown estimator {name!r}; valid estimators: {', '.join(ESTIMATORS)}"
@@ -589,7 +591,23 @@ def estimator_options(name: str) -> set[str]:
         )
     params = inspect.signature(ESTIMATORS[name].__init__).parameters.items()
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    names = {k for k, p in params if k != "self" and p.kind not in variadic} - {"n_exact"}
+    return {k: p for k, p in params if k != "self" and p.kind not in variadic}
+
+
+def estimator_defaults(name: str) -> dict[str, object]:
+    """The default value of each option of estimator ``name`` that has one.
+
+    Examples:
+        >>> estimator_defaults("series")["gradient"]
+        'neumann'
+    """
+    params = _constructor_parameters(name).items()
+    return {k: p.default for k, p in params if p.default is not inspect.Parameter.empty}
+
+
+def estimator_options(name: str) -> set[str]:
+    """Keyword options :func:`make_estimator` accepts for estimator ``name``."""
+    names = set(_constructor_parameters(name)) - {"n_exact"}
     # n_terms, n_probes and lipschitz are accepted by every estimator (those that do not
     # use them ignore them), so that one configuration can switch estimators.
     return names | {"n_terms", "n_probes", "lipschitz"}

@@ -49,7 +49,6 @@ __all__ = [
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import time
 import typing
@@ -78,6 +77,7 @@ from .logdet import (
     LogDetEstimator,
     PowerSeriesLogDet,
     RussianRouletteLogDet,
+    estimator_defaults,
     make_estimator,
     series_truncation_bound,
 )
@@ -212,12 +212,9 @@ class ModelConfig:
         if estimator in ESTIMATORS and "gradient" not in values["estimator_options"]:
             # recorded, so that a saved config keeps the log-det gradient it trained with
             # should the default change (the series' did, from "backprop", in 0.2.1)
-            default = inspect.signature(ESTIMATORS[estimator]).parameters.get("gradient")
+            default = estimator_defaults(estimator).get("gradient")
             if default is not None:
-                values["estimator_options"] = {
-                    **values["estimator_options"],
-                    "gradient": default.default,
-                }
+                values["estimator_options"] = {**values["estimator_options"], "gradient": default}
         if values["attention"] in ("none", ""):
             values["attention"] = None
         values["image_shape"] = tuple(int(s) for s in values["image_shape"])

@@ -8,9 +8,12 @@ from conftest import dense_jacobian_of
 
 from flowattn import invertible_attention
 from flowattn.logdet import (
+    ESTIMATORS,
     ExactLogDet,
     PowerSeriesLogDet,
     RussianRouletteLogDet,
+    estimator_defaults,
+    estimator_options,
     sample_probes,
     series_truncation_bound,
 )
@@ -357,3 +360,18 @@ def test_series_gradients_are_unbiased_near_the_bound(gradient):
     stderr = float(draws.std()) / math.sqrt(draws.numel())
     assert abs(float(draws.mean()) - exact) <= 4 * stderr
     assert abs(shorter - exact) > 20 * stderr
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_estimator_defaults_are_what_a_default_estimator_holds(name):
+    """``estimator_defaults`` reads the constructors' defaults: an estimator built without
+    options holds them (None ones are resolved at construction), and every option with a
+    default is one make_estimator accepts."""
+    defaults = estimator_defaults(name)
+    built = ESTIMATORS[name]()
+    for option, value in defaults.items():
+        if value is not None and hasattr(built, option):
+            assert getattr(built, option) == value, option
+    assert set(defaults) - {"n_exact"} <= estimator_options(name)
+    if name != "exact":
+        assert defaults["gradient"] == "neumann"
