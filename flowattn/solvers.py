@@ -143,7 +143,8 @@ class _Progress:
     than a few evaluations of rows that are done); for the rows still going it keeps their
     best iterate and whether their largest residual has stopped shrinking at rounding
     level. :meth:`update` ends the solve (every row converged, or the rest stalled),
-    returns the rows to keep when some are dropped, or returns nothing new."""
+    returns the rows to keep (and the iterate and value compacted to them) when some are
+    dropped, or returns nothing new."""
 
     def __init__(self, tolerance: _Tolerance, max_iter: int, x: Tensor):
         self.tolerance, self.max_iter = tolerance, max_iter
@@ -158,11 +159,12 @@ class _Progress:
 
     def update(
         self, x: Tensor, fx: Tensor, gap: Tensor, it: int
-    ) -> FixedPointResult | Tensor | None:
+    ) -> FixedPointResult | tuple[Tensor, Tensor, Tensor] | None:
         """Takes the map's value ``fx`` at the iterate ``x`` (the ``it``-th evaluation;
         both (rows, d)) and ``gap = fx - x`` (not modified). Returns the result when the
-        solve ends, else the mask of the rows to keep when some are dropped (the caller
-        drops the others from its state too), else None."""
+        solve ends, else, when some rows are dropped, the mask of the rows to keep with
+        ``x`` and ``fx`` restricted to them (the caller drops the others from the rest of
+        its state), else None."""
         converged, residuals = self.tolerance.check(x, gap)
         if converged is not None:
             if self.done is not None:
@@ -195,7 +197,7 @@ class _Progress:
             rows, best_x, _ = self._going(*self.best[:2])
             self.solution[rows] = best_x
             return self._result(it, (self.best[2], self.floor), True)
-        return keep
+        return None if keep is None else (keep, x, fx)
 
     def _going(self, x: Tensor, fx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(batch indices, x, fx) of the rows not yet written to the solution."""
@@ -347,9 +349,10 @@ def solve_fixed_point(
             done.solution = done.solution.view(shape)
             return done
         if done is not None:  # some rows converged: the rest go on without them
-            x, fx, y = x[done], fx[done], y[done]
+            keep, x, fx = done
+            y = y[keep]
             if history is not None:
-                history.keep(done)
+                history.keep(keep)
         x = fx if history is None else history.next(x, fx, it)
     done = progress.out_of_iterations()
     done.solution = done.solution.view(shape)
