@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import count_host_reads, dense_jacobian_of, stress_weights
 
+from flowattn.lipschitz import ConvBoundMemory
 from flowattn.logdet import ExactLogDet
 from flowattn.nn.conv_branch import ACTIVATIONS, ConvResidualBranch, LipSwish
 from flowattn.transforms import ResidualTransform
@@ -238,3 +239,28 @@ def test_a_branch_pickled_before_its_certificates_kept_state_still_loads():
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(old(x), g(x), rtol=0, atol=0)
     assert len(old._bound_memory) == 3
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_warm_started_certificates_match_cold_ones_while_training_at_the_bound(activation):
+    """A branch trained with Adam (lr 1e-2) on a loss that pushes its Jacobian up, with its
+    weights inflated so that every rescaling is active (the certified norms sit at their
+    bound): at each step the certificates kept between calls give exactly the scales that
+    certificates computed from nothing give."""
+    torch.manual_seed(0)
+    g = ConvResidualBranch(3, hidden=6, coeff=0.9, activation=activation)
+    stress_weights(g, 5.0)
+    optimizer = torch.optim.Adam(g.parameters(), lr=1e-2)
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(15):
+        warm = [float(s) for s in g._scales(g._norms((6, 6)))]
+        state = g.__getstate__()  # the same convolutions, fresh certificate state
+        state["_bound_memory"] = [ConvBoundMemory() for _ in g.convs]
+        cold = ConvResidualBranch.__new__(ConvResidualBranch)
+        cold.__setstate__(state)
+        assert [float(s) for s in cold._scales(cold._norms((6, 6)))] == warm
+        assert g._bound_memory[0].vectors(3, (8, 8), x.device) is not None
+        assert all(s < 1.0 for s in warm)  # every convolution at its bound
+        optimizer.zero_grad()
+        (-(g(x) - x.flip(0)).square().mean()).backward()
+        optimizer.step()
