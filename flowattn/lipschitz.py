@@ -10,7 +10,8 @@ collects the norms used to certify that:
   enforced by :class:`SpectralRescale`;
 * the spectral norm of a convolution operator, estimated by power iteration
   (:func:`conv_power_iteration`, a *lower* estimate) and bounded from above by
-  :func:`conv_spectral_upper_bound` (a proven bound from the DFT of the kernel).
+  :func:`conv_spectral_upper_bound` (a proven bound from the DFT of the kernel), which
+  a :class:`ConvBoundMemory` makes cheaper over repeated calls on a changing weight.
 
 The rescalings are parametrizations for :mod:`torch.nn.utils.parametrize`: the
 stored parameter is unconstrained and the weight seen by the layer is rescaled
