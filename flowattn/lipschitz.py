@@ -97,46 +97,20 @@ def spectral_norm(weight: Tensor) -> Tensor:
     return _largest_singular_value(_as_matrix(weight))
 
 
-def _gram(blocks: Tensor) -> Tensor:
-    r"""The Gram matrices :math:`B^H B` of a batch of (m, n) blocks.
+def _largest_singular_value(matrix: Tensor) -> Tensor:
+    r"""Largest singular value of a real (m, n) matrix, certified in float64.
 
-    Complex blocks are multiplied as real ones (a batched complex product with a
-    conjugate view is several times slower on CPU): with :math:`B = R + iI`,
-    :math:`B^H B = (R^\top R + I^\top I) + i (R^\top I - I^\top R)`.
+    The value is the square root of the top eigenvalue of the smaller Gram matrix,
+    computed in float64 (rounded to the matrix's dtype); its gradient flows through
+    :math:`\|M v\|` for the fixed top right singular vector :math:`v`.
     """
-    if not blocks.is_complex():
-        return blocks.mT @ blocks
-    n = blocks.shape[-1]
-    stacked = torch.cat([blocks.real, blocks.imag], dim=-2)  # (..., 2m, n)
-    rotated = torch.cat([blocks.imag, -blocks.real], dim=-2)
-    products = stacked.mT @ torch.cat([stacked, rotated], dim=-1)  # (..., n, 2n)
-    return torch.complex(products[..., :n], products[..., n:])
-
-
-def _largest_singular_value(
-    block: Tensor, top: Tensor | None = None, direction: Tensor | None = None
-) -> Tensor:
-    r"""Largest singular value of one (m, n) block (real or complex), certified in float64.
-
-    ``top`` is the block's largest Gram eigenvalue and ``direction`` its eigenvector,
-    when the caller already has them (the Gram of ``block``, or of ``block.mH`` when
-    m < n). The returned value is the float64 one (rounded to the block's real dtype);
-    its gradient flows through :math:`\|B v\|` for the fixed top right singular vector
-    :math:`v`.
-    """
-    if block.shape[-2] < block.shape[-1]:
-        block = block.mH  # the same singular values, from the smaller Gram matrix
+    if matrix.shape[-2] < matrix.shape[-1]:
+        matrix = matrix.mT  # the same singular values, from the smaller Gram matrix
     with torch.no_grad():
-        if top is None or direction is None:
-            precise = torch.complex128 if block.is_complex() else torch.float64
-            values, vectors = torch.linalg.eigh(_gram(block.detach().to(precise)))
-            top, direction = values[-1], vectors[:, -1]
-        certified = top.clamp_min(0).sqrt()
-        direction = direction.to(block.dtype)
-    norm = torch.linalg.vector_norm(block @ direction)
-    # the float64 eigenvalue is the certified value; the differentiable norm supplies
-    # the gradient (they agree to rounding)
-    return norm * (certified.to(norm.dtype) / norm.detach().clamp_min(1e-30)).clamp(min=1.0)
+        precise = matrix.detach().double()
+        values, vectors = torch.linalg.eigh(precise.mT @ precise)
+        direction = vectors[:, -1].to(matrix.dtype)
+    return _certified(torch.linalg.vector_norm(matrix @ direction), values[-1])
 
 
 class RowL1Rescale(nn.Module):
@@ -362,12 +336,44 @@ def conv_spectral_upper_bound(
             # the Grams were of the transposed kernel: B^T at each frequency, whose
             # Gram is conj(B B^H); B^H's right singular vector is the conjugate
             vector = vector.conj()
-    # Only the worst frequency carries a gradient (the max's subgradient): its block is
-    # the kernel's DFT at that frequency, computed directly from the k x k taps.
-    complex_dtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
+    # Only the worst frequency carries a gradient (the max's subgradient), through the
+    # norm of its block (the kernel's DFT there) along the fixed singular vector.
     phase = phases.index_select(0, worst.reshape(1))[0]
-    block = weight.flatten(2).to(complex_dtype) @ phase.conj().to(complex_dtype)
-    return _largest_singular_value(block, top, vector).to(weight.dtype)
+    return _certified(_block_norm_along(weight, phase, vector), top)
+
+
+def _block_norm_along(weight: Tensor, phase: Tensor, vector: Tensor) -> Tensor:
+    r""":math:`\|B v\|` for the kernel's DFT block :math:`B = \sum_a w_a e^{-i\theta_a}`
+    at one frequency (``phase`` holds its (k k,) factors :math:`e^{i\theta_a}`), or
+    :math:`\|B^H v\|` when the kernel has more inputs than outputs; differentiable with
+    respect to ``weight`` (out, in, k, k) for the fixed complex ``vector``.
+
+    The weight is contracted, as a real view, with the real and imaginary parts of the
+    constant :math:`v_j e^{\mp i\theta_a}`, so that autograd keeps the weight itself and
+    two small vectors rather than a complex copy of the kernel (which every
+    certified convolution would otherwise hold from its certificate to the backward).
+    """
+    out, inputs = weight.shape[:2]
+    with torch.no_grad():
+        # B v = sum_a w_a (e^{-i theta_a} v); B^H v = sum_a w_a^T (e^{i theta_a} v)
+        factors = phase.conj() if out >= inputs else phase
+        z = vector[:, None] * factors[None, :]  # (in or out, k k)
+        parts = [z.real.to(weight.dtype), z.imag.to(weight.dtype)]
+    if out >= inputs:
+        flat = weight.reshape(out, -1)  # (out, in k k), index i k k + a
+        images = [flat @ part.reshape(-1) for part in parts]
+    else:
+        taps = weight.reshape(out, inputs, -1)  # (out, in, k k)
+        images = [torch.bmm(taps, part[:, :, None]).sum(0) for part in parts]
+    return torch.sqrt(images[0].square().sum() + images[1].square().sum())
+
+
+def _certified(norm: Tensor, top: Tensor) -> Tensor:
+    r"""The certified value :math:`\sqrt{\mathrm{top}}` (``top``: the float64 top Gram
+    eigenvalue) with the gradient of ``norm`` (a differentiable norm along the fixed top
+    singular vector, equal to it up to rounding)."""
+    certified = top.clamp_min(0).sqrt().to(norm.dtype)
+    return norm * (certified / norm.detach().clamp_min(1e-30)).clamp(min=1.0)
 
 
 def _largest_gram_eigenvalue(
