@@ -22,12 +22,14 @@ Both models' certificates run every step (flowattn's proven FFT bound; the refer
 spectral-norm power iteration, a lower estimate). Step times are interleaved step by step
 in one process (order alternating, warm-up first) and reported as medians with the median
 ratio and its bootstrap 95% interval; peak memory is the resident-set rise of one step
-after two warm-up steps, each model in a fresh process. Without ``--reference`` only
-flowattn's figures print.
+after two warm-up steps, each model in a fresh process (``--memory-pairs N``: N rounds,
+printed as the mean paired difference with its standard error, since one process's
+figure moves by about a MiB). Without ``--reference`` only flowattn's figures print.
 
 Usage:
     python experiments/bench/train_step.py --reference /path/to/residual-flows
     python experiments/bench/train_step.py --settings a --reps 15 --threads 1
+    python experiments/bench/train_step.py --reference PATH --settings b --memory-pairs 8
 """
 
 from __future__ import annotations
@@ -163,6 +165,28 @@ def peak_memory_mib(setting: str, name: str, args) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def peak_memories(setting: str, names: list[str], args) -> dict[str, list[float]]:
+    """Each model's peak resident-set rise in ``--memory-pairs`` fresh processes, one
+    round of the models after another, the order reversed every other round."""
+    peaks: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(args.memory_pairs):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            peaks[name].append(peak_memory_mib(setting, name, args))
+    return peaks
+
+
+def paired_difference(ours: list[float], reference: list[float]) -> str:
+    """The mean paired difference (MiB) with its standard error when there are pairs."""
+    differences = [a - b for a, b in zip(ours, reference, strict=True)]
+    if len(differences) == 1:
+        return (f"{differences[0]:+.2f} MiB (one fresh process each; --memory-pairs N "
+                "repeats, --memory-child SETTING:NAME runs one)")  # fmt: skip
+    error = statistics.stdev(differences) / math.sqrt(len(differences))
+    values = ", ".join(f"{d:+.2f}" for d in differences)
+    mean = statistics.mean(differences)
+    return f"{mean:+.2f} +- {error:.2f} MiB (SE over {len(differences)} pairs: {values})"
+
+
 def memory_child(args) -> None:
     return_freed_memory_to_the_os()
     setting, name = args.memory_child.split(":")
@@ -188,9 +212,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--memory-pairs", type=int, default=1,
+                        help="fresh processes per model for peak memory (mean +- SE)")  # fmt: skip
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_pairs < 1:
+        raise SystemExit(f"error: --memory-pairs must be at least 1, got {args.memory_pairs}")
     if args.reference and not (Path(args.reference) / "resflows" / "resflow.py").is_file():
         raise SystemExit(f"error: {args.reference} is not a residual-flows checkout")
     if args.memory_child:
@@ -205,12 +233,9 @@ def main() -> None:
         result = time_setting(setting, args)
         times, sizes = result["times"], result["sizes"]
         print(f"\n({setting}) {SETTINGS[setting]}")
-        peaks = {}
+        peaks = {} if args.no_memory else peak_memories(setting, list(times), args)
         for name in times:
-            memory = ""
-            if not args.no_memory:
-                peaks[name] = peak_memory_mib(setting, name, args)
-                memory = f", peak memory {peaks[name]:.1f} MiB"
+            memory = f", peak memory {statistics.mean(peaks[name]):.1f} MiB" if peaks else ""
             print(
                 f"  {name:<16} {sizes[name]:,} parameters: median step "
                 f"{statistics.median(times[name]):.3f} s{memory}"
@@ -221,9 +246,8 @@ def main() -> None:
             ratio, low, high = median_ratio_ci(times[name], times["reference"])
             print(f"  step time {name} / reference: {ratio:.2f} (95% CI {low:.2f}-{high:.2f})")
             if peaks:
-                difference = peaks[name] - peaks["reference"]
-                print(f"  peak memory {name} - reference: {difference:+.2f} MiB (one fresh "
-                      "process each; --memory-child SETTING:NAME repeats one)")  # fmt: skip
+                difference = paired_difference(peaks[name], peaks["reference"])
+                print(f"  peak memory {name} - reference: {difference}")
 
 
 if __name__ == "__main__":
