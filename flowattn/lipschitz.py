@@ -402,8 +402,8 @@ def _largest_gram_eigenvalue(
     tiny = torch.finfo(grams.dtype).tiny
     if vectors is not None and vectors.shape == grams.shape[:-1]:
         products = (grams @ vectors.unsqueeze(-1)).squeeze(-1)  # G_f u_f
-        lengths = vectors.abs().square().sum(-1).clamp_min(tiny)
-        t = ((vectors.conj() * products).sum(-1).real / lengths).max()
+        squared_lengths = vectors.abs().square().sum(-1).clamp_min(tiny)
+        t = ((vectors.conj() * products).sum(-1).real / squared_lengths).max()
         slack = 8 * n * (n + 2) * torch.finfo(grams.dtype).eps * t
         eye = torch.eye(n, dtype=grams.dtype, device=grams.device)
         _, failed = torch.linalg.cholesky_ex((t - slack) * eye - grams)
@@ -412,8 +412,8 @@ def _largest_gram_eigenvalue(
             top, i = torch.linalg.eigvalsh(grams.index_select(0, unproven))[:, -1].max(dim=0)
             worst = unproven[i]
             vector = torch.linalg.eigh(grams[worst])[1][:, -1]
-            lengths = torch.linalg.vector_norm(products, dim=-1, keepdim=True)
-            advanced = products / lengths.clamp_min(tiny)
+            product_norms = torch.linalg.vector_norm(products, dim=-1, keepdim=True)
+            advanced = products / product_norms.clamp_min(tiny)  # one power step each
             advanced.index_copy_(0, worst.reshape(1), vector[None])
             return top, worst, vector, advanced
     top, worst = torch.linalg.eigvalsh(grams)[:, -1].max(dim=0)  # tensors: no host sync
