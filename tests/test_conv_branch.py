@@ -253,12 +253,12 @@ def test_warm_started_certificates_match_cold_ones_while_training_at_the_bound(a
     optimizer = torch.optim.Adam(g.parameters(), lr=1e-2)
     x = torch.randn(4, 3, 6, 6)
     for _ in range(15):
-        warm = [float(s) for s in g._scales(g._norms((6, 6)))]
+        warm = [float(s.detach()) for s in g._scales(g._norms((6, 6)))]
         state = g.__getstate__()  # the same convolutions, fresh certificate state
         state["_bound_memory"] = [ConvBoundMemory() for _ in g.convs]
         cold = ConvResidualBranch.__new__(ConvResidualBranch)
         cold.__setstate__(state)
-        assert [float(s) for s in cold._scales(cold._norms((6, 6)))] == warm
+        assert [float(s.detach()) for s in cold._scales(cold._norms((6, 6)))] == warm
         assert g._bound_memory[0].vectors(3, (8, 8), x.device) is not None
         assert all(s < 1.0 for s in warm)  # every convolution at its bound
         optimizer.zero_grad()
