@@ -170,7 +170,7 @@ class _Progress:
             if self.done is not None:
                 converged = converged & ~self.done
             if bool(converged.any()):
-                self._finish(converged, x, gap)
+                self._finish(converged, x, gap, residuals)
                 self.done = converged if self.done is None else self.done | converged
         keep = None
         if self.done is not None:
@@ -206,10 +206,14 @@ class _Progress:
         going = ~self.done
         return self.active[going], x[going], fx[going]
 
-    def _finish(self, converged: Tensor, x: Tensor, gap: Tensor) -> None:
-        """Writes the converged rows to the solution and keeps the largest gap reported."""
+    def _finish(self, converged: Tensor, x: Tensor, gap: Tensor, residuals: Tensor) -> None:
+        """Writes the converged rows to the solution and keeps the largest gap reported
+        (``residuals``: each row's largest |gap|), with the tolerance at its element."""
         self.solution[self.active[converged]] = x[converged]
-        report = self.tolerance.rows(converged).report(x[converged], gap[converged], True)
+        # the worst converged row alone: its largest gap is the rows' largest
+        worst = torch.zeros_like(converged)
+        worst[torch.argmax(residuals.masked_fill(~converged, -math.inf))] = True
+        report = self.tolerance.rows(worst).report(x[worst], gap[worst], True)
         if report[0] >= self.finished[0]:
             self.finished = report
 
@@ -262,7 +266,7 @@ class _AndersonHistory:
         if self.xs is not None:
             self.xs[:, slot] = x
         gaps = self.gaps
-        row = (gaps[:, :n] @ gaps[:, slot, :, None]).double()[..., 0]  # (B, n)
+        row = torch.linalg.vecdot(gaps[:, :n], gaps[:, slot, None]).double()  # (B, n)
         self.gram[:, slot, :n] = row
         self.gram[:, :n, slot] = row
         if n == 1:
