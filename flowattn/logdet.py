@@ -54,6 +54,7 @@ __all__ = [
     "series_truncation_bound",
 ]
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -540,9 +541,12 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, estimator, weights, branch, x, *params):
+        # a branch that can keep less in the graph kept until the backward does so
+        keeping_less = getattr(branch, "products_saved_as_factors", contextlib.nullcontext)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            gx = branch(x_in)
+            with keeping_less():
+                gx = branch(x_in)
             logdet = estimator.estimate(gx, x_in, create_graph=True, weights=weights)
             grads = torch.autograd.grad(
                 logdet.sum(), (x_in, *params), retain_graph=True, allow_unused=True

@@ -50,6 +50,43 @@ def _lipswish_with_rho(x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     return act(x)
 
 
+def _series_like_gradients(g: ConvResidualBranch, x: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients, with respect to x and the parameters, of u^T J v (one differentiated
+    vector-Jacobian product, as the Neumann log-det gradient takes) plus a loss on g(x)."""
+    x = x.clone().requires_grad_(True)
+    gx = g(x)
+    u, v = torch.ones_like(x), torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape)
+    (vjp,) = torch.autograd.grad(gx, x, u, create_graph=True)
+    loss = (vjp * v).sum() + gx.square().sum()
+    return torch.autograd.grad(loss, [x, *g.parameters()])
+
+
+def test_lipswish_products_are_saved_as_their_factors_with_the_same_gradients():
+    """Within ``products_saved_as_factors``, each convolution after a LipSwish saves
+    x * gate as its two factors and recomputes the product when read: reading it twice
+    gives two tensors (outside, and with saved-tensor hooks disabled, the product
+    itself is saved). First and second derivatives are the same, bit for bit."""
+    torch.manual_seed(0)
+    g = ConvResidualBranch(3, hidden=5, coeff=0.9, activation="lipswish").double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def saves_its_product() -> bool:
+        node = g(x).grad_fn  # the last convolution's backward
+        return node._saved_input.data_ptr() == node._saved_input.data_ptr()
+
+    assert saves_its_product()
+    saved_itself = _series_like_gradients(g, x)
+    with g.products_saved_as_factors():
+        assert not saves_its_product()
+        torch.testing.assert_close(g(x).grad_fn._saved_input, g(x).grad_fn._saved_input)
+        as_factors = _series_like_gradients(g, x)
+        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+            assert saves_its_product()
+    assert not g._products_as_factors
+    for a, b in zip(as_factors, saved_itself, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("size", [4, 7])
 @pytest.mark.parametrize("scale", [1.0, 100.0])

@@ -1,3 +1,4 @@
+import copy
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from flowattn.logdet import (
     RussianRouletteLogDet,
     estimator_defaults,
     estimator_options,
+    make_estimator,
     sample_probes,
     series_truncation_bound,
 )
@@ -129,6 +131,24 @@ def test_memory_efficient_backward_matches_plain(kind, estimator, options):
     x = torch.randn(3, 4, 4, 4, dtype=torch.float64) * SCALE[kind]
     for a, b in zip(_grads(plain, x, 7), _grads(efficient, x, 7), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("estimator", ["series", "roulette"])
+def test_memory_efficient_backward_matches_plain_with_lipswish_convolutions(estimator):
+    """The memory-efficient estimator keeps a LipSwish branch's products as their
+    factors (ConvResidualBranch.products_saved_as_factors): the same gradients."""
+    branch = ConvResidualBranch(3, hidden=6, coeff=0.9, activation="lipswish")
+    options = {"gradient": "neumann"} if estimator == "series" else {}
+    plain, efficient = (
+        ResidualTransform(
+            copy.deepcopy(branch),
+            make_estimator(estimator, n_terms=3, memory_efficient=flag, **options),
+        ).double()
+        for flag in (False, True)
+    )
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    for a, b in zip(_grads(plain, x, 7), _grads(efficient, x, 7), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_memory_efficient_rejects_per_sample_weights():

@@ -68,14 +68,17 @@ class LipSwish(nn.Module):
         :attr:`divisor`: for a caller that folds the division into the linear map that
         follows (as :class:`ConvResidualBranch` does, saving a pass over the
         activations)."""
-        beta = F.softplus(self.rho).reshape(1, -1, *([1] * (x.dim() - 2)))
-        # In place on temporaries, as Residual Flows does: the product beta * x is not
-        # needed by its backward, nor is x * sigmoid; without autograd the gate takes
-        # the product too. The same operations in the same order either way.
-        gate = torch.sigmoid_(beta * x)
+        gate = self.gate(x)
         if torch.is_grad_enabled():
             return x * gate
-        return gate.mul_(x)
+        return gate.mul_(x)  # without autograd the gate, a temporary, takes the product
+
+    def gate(self, x: Tensor) -> Tensor:
+        r"""The gate :math:`\sigma(\beta x)`, a new tensor shaped like x (B, C, ...)."""
+        beta = F.softplus(self.rho).reshape(1, -1, *([1] * (x.dim() - 2)))
+        # in place on the temporary beta * x, as Residual Flows does: its backward
+        # needs x and beta, not the product
+        return torch.sigmoid_(beta * x)
 
 
 ACTIVATIONS = ("elu", "lipswish")
@@ -87,6 +90,42 @@ def _activation(name: str, channels: int) -> nn.Module:
     if name == "lipswish":
         return LipSwish(channels)
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+class _ProductSavedAsFactors(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks under which ``product = a * b`` is saved for backward as its
+    two factors, and recomputed when the backward reads it.
+
+    Used around a convolution that follows a LipSwish (see
+    :meth:`ConvResidualBranch.products_saved_as_factors`). Other tensors saved inside
+    are kept as they are; outer saved-tensor hooks do not see them.
+    """
+
+    def __init__(self, product: Tensor, a: Tensor, b: Tensor):
+        super().__init__(self._pack, self._unpack)
+        self._product, self._factors = product, (a, b)
+
+    def _pack(self, tensor: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        return self._factors if tensor is self._product else tensor
+
+    @staticmethod
+    def _unpack(packed: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        if isinstance(packed, tuple):
+            with torch.no_grad():
+                return packed[0] * packed[1]
+        return packed
+
+    def __enter__(self) -> None:
+        try:
+            super().__enter__()
+            self._entered = True
+        except RuntimeError:  # inside torch.func transforms, which allow no such hooks
+            self._entered = False  # the product is saved as itself
+
+    def __exit__(self, *args) -> None:
+        self._product = self._factors = None  # the graph keeps what it saved, not these
+        if self._entered:
+            super().__exit__(*args)
 
 
 class ConvResidualBranch(nn.Module):
@@ -143,6 +182,7 @@ class ConvResidualBranch(nn.Module):
         self._bound_memory = [ConvBoundMemory() for _ in self.convs]
         self._cache: tuple[tuple, list[Tensor]] | None = None
         self._fixed: tuple[tuple[int, int], list[Tensor]] | None = None  # (size, scales)
+        self._products_as_factors = False
 
     def _norms(self, spatial: tuple[int, int]) -> list[Tensor]:
         norms = []
@@ -174,18 +214,46 @@ class ConvResidualBranch(nn.Module):
             )
         spatial = (x.shape[-2], x.shape[-1])
         h = x
-        layers = zip(self.acts, self.convs, self._weights(spatial), strict=True)
-        for i, (act, conv, weight) in enumerate(layers):
+        weights = self._weights(spatial)
+        for i, (act, conv, weight) in enumerate(zip(self.acts, self.convs, weights, strict=True)):
+            saving = contextlib.nullcontext()
             if isinstance(act, LipSwish):
-                h = act.undivided(h)  # the weight took the division (_rescaled)
+                # the weight took LipSwish's division (_rescaled)
+                if self._products_as_factors and torch.is_grad_enabled():
+                    gate = act.gate(h)
+                    h, x_in = h * gate, h
+                    saving = _ProductSavedAsFactors(h, x_in, gate)
+                else:
+                    h = act.undivided(h)
             elif i > 0:
                 # in place on a convolution's output (not needed by its backward); ELU's
                 # backward reads its own result, so autograd allows it
                 h = F.elu(h, inplace=True)
             else:
                 h = act(h)
-            h = F.conv2d(h, weight, conv.bias, padding=conv.padding)
+            with saving:
+                h = F.conv2d(h, weight, conv.bias, padding=conv.padding)
         return h
+
+    @contextlib.contextmanager
+    def products_saved_as_factors(self) -> Iterator[None]:
+        """Within the block, a call with autograd keeps one activation-sized tensor
+        fewer per LipSwish in its graph: the product ``x * gate``, which the next
+        convolution saves for its weight gradient, is saved as its two factors (which
+        LipSwish's own backward keeps anyway) and recomputed each time a backward pass
+        goes through that convolution. Values and gradients are the same to the bit.
+
+        It pays where a graph is kept between backward passes, as the memory-efficient
+        log-det estimator keeps each branch's until the step's backward (which enters
+        this around it); where a double backward saves the recomputed product again,
+        it costs the multiplications and saves nothing. No effect with ELU, without
+        autograd, or inside ``torch.func`` transforms.
+        """
+        previous, self._products_as_factors = self._products_as_factors, True
+        try:
+            yield
+        finally:
+            self._products_as_factors = previous
 
     @contextlib.contextmanager
     def certified_once(self, spatial: tuple[int, int]) -> Iterator[None]:
@@ -223,12 +291,14 @@ class ConvResidualBranch(nn.Module):
         state = dict(super().__getstate__())
         state["_cache"] = None
         state["_fixed"] = None
+        state["_products_as_factors"] = False
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_bound_memory" not in state:  # pickled before the certificates kept state
             self._bound_memory = [ConvBoundMemory() for _ in self.convs]
+        self.__dict__.setdefault("_products_as_factors", False)  # pickled before it
 
     @torch.no_grad()
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
