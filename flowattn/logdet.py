@@ -54,7 +54,6 @@ __all__ = [
     "series_truncation_bound",
 ]
 
-import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -541,12 +540,9 @@ class _MemoryEfficientLogDet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, estimator, weights, branch, x, *params):
-        # a branch that can keep less in the graph kept until the backward does so
-        keeping_less = getattr(branch, "products_saved_as_factors", contextlib.nullcontext)
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            with keeping_less():
-                gx = branch(x_in)
+            gx = branch(x_in)
             logdet = estimator.estimate(gx, x_in, create_graph=True, weights=weights)
             grads = torch.autograd.grad(
                 logdet.sum(), (x_in, *params), retain_graph=True, allow_unused=True

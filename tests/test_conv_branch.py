@@ -1,3 +1,4 @@
+import functools
 import io
 import pickle
 
@@ -48,43 +49,6 @@ def _lipswish_with_rho(x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     del act.rho
     act.rho = rho
     return act(x)
-
-
-def _series_like_gradients(g: ConvResidualBranch, x: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients, with respect to x and the parameters, of u^T J v (one differentiated
-    vector-Jacobian product, as the Neumann log-det gradient takes) plus a loss on g(x)."""
-    x = x.clone().requires_grad_(True)
-    gx = g(x)
-    u, v = torch.ones_like(x), torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape)
-    (vjp,) = torch.autograd.grad(gx, x, u, create_graph=True)
-    loss = (vjp * v).sum() + gx.square().sum()
-    return torch.autograd.grad(loss, [x, *g.parameters()])
-
-
-def test_lipswish_products_are_saved_as_their_factors_with_the_same_gradients():
-    """Within ``products_saved_as_factors``, each convolution after a LipSwish saves
-    x * gate as its two factors and recomputes the product when read: reading it twice
-    gives two tensors (outside, and with saved-tensor hooks disabled, the product
-    itself is saved). First and second derivatives are the same, bit for bit."""
-    torch.manual_seed(0)
-    g = ConvResidualBranch(3, hidden=5, coeff=0.9, activation="lipswish").double()
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-
-    def saves_its_product() -> bool:
-        node = g(x).grad_fn  # the last convolution's backward
-        return node._saved_input.data_ptr() == node._saved_input.data_ptr()
-
-    assert saves_its_product()
-    saved_itself = _series_like_gradients(g, x)
-    with g.products_saved_as_factors():
-        assert not saves_its_product()
-        torch.testing.assert_close(g(x).grad_fn._saved_input, g(x).grad_fn._saved_input)
-        as_factors = _series_like_gradients(g, x)
-        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
-            assert saves_its_product()
-    assert not g._products_as_factors
-    for a, b in zip(as_factors, saved_itself, strict=True):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -244,11 +208,33 @@ def test_a_training_forward_certifies_before_the_flow_runs(monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _composed(g: ConvResidualBranch, x: torch.Tensor) -> torch.Tensor:
+    """g's layers written out one by one: conv3 . act . conv2 . act . conv1 . act with
+    the certified weights (LipSwish as the module computes it, with its division)."""
+    scales = g._scales(g._norms(tuple(x.shape[-2:])))
+    h = x
+    for act, conv, scale in zip(g.acts, g.convs, scales, strict=True):
+        h = torch.nn.functional.conv2d(act(h), conv.weight * scale, conv.bias, padding=conv.padding)
+    return h
+
+
+def _series_like_gradients(g, params, x: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients, with respect to x and ``params``, of u^T J v (one differentiated
+    vector-Jacobian product, as the Neumann log-det gradient takes) plus a loss on g(x)."""
+    x = x.clone().requires_grad_(True)
+    gx = g(x)
+    u, v = torch.ones_like(x), torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape)
+    (vjp,) = torch.autograd.grad(gx, x, u, create_graph=True)
+    loss = (vjp * v).sum() + gx.square().sum()
+    return torch.autograd.grad(loss, [x, *params])
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_the_branch_is_its_layers_composed(activation):
-    """g = conv3 . act . conv2 . act . conv1 . act with the certified weights, as written
-    out layer by layer (LipSwish's division, folded into the next convolution's weight
-    in the branch, done here by the activation itself)."""
+    """g is its layers composed as written (with LipSwish, which the branch runs as SiLU
+    with the slopes and the division folded into the convolutions), with and without
+    autograd; so are its first and second derivatives with respect to the input and
+    every parameter (the slopes' included)."""
     g = ConvResidualBranch(3, hidden=5, coeff=0.9, activation=activation).double()
     stress_weights(g, 3.0)
     with torch.no_grad():
@@ -256,13 +242,14 @@ def test_the_branch_is_its_layers_composed(activation):
             if isinstance(act, LipSwish):
                 act.rho.normal_()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
-    scales = g._scales(g._norms((6, 6)))
-    h = x
-    for act, conv, scale in zip(g.acts, g.convs, scales, strict=True):
-        h = torch.nn.functional.conv2d(act(h), conv.weight * scale, conv.bias, padding=conv.padding)
+    h = _composed(g, x)
     torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)
+    params = list(g.parameters())
+    expected = _series_like_gradients(functools.partial(_composed, g), params, x)
+    for a, b in zip(_series_like_gradients(g, params, x), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_a_branch_pickled_before_its_certificates_kept_state_still_loads():

@@ -135,8 +135,9 @@ def test_memory_efficient_backward_matches_plain(kind, estimator, options):
 
 @pytest.mark.parametrize("estimator", ["series", "roulette"])
 def test_memory_efficient_backward_matches_plain_with_lipswish_convolutions(estimator):
-    """The memory-efficient estimator keeps a LipSwish branch's products as their
-    factors (ConvResidualBranch.products_saved_as_factors): the same gradients."""
+    """The memory-efficient estimator's gradients through a LipSwish convolution
+    branch (LipSwish evaluated as SiLU with its slopes folded into the convolutions)
+    are the plain backward's."""
     branch = ConvResidualBranch(3, hidden=6, coeff=0.9, activation="lipswish")
     options = {"gradient": "neumann"} if estimator == "series" else {}
     plain, efficient = (

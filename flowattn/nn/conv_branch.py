@@ -65,20 +65,19 @@ class LipSwish(nn.Module):
 
     def undivided(self, x: Tensor) -> Tensor:
         r""":math:`x \sigma(\beta x)`, LipSwish before its division by
-        :attr:`divisor`: for a caller that folds the division into the linear map that
-        follows (as :class:`ConvResidualBranch` does, saving a pass over the
-        activations)."""
-        gate = self.gate(x)
+        :attr:`divisor`."""
+        beta = self.slope().reshape(1, -1, *([1] * (x.dim() - 2)))
+        # In place on temporaries, as Residual Flows does: the product beta * x is not
+        # needed by its backward, nor is x * sigmoid; without autograd the gate takes
+        # the product too. The same operations in the same order either way.
+        gate = torch.sigmoid_(beta * x)
         if torch.is_grad_enabled():
             return x * gate
-        return gate.mul_(x)  # without autograd the gate, a temporary, takes the product
+        return gate.mul_(x)
 
-    def gate(self, x: Tensor) -> Tensor:
-        r"""The gate :math:`\sigma(\beta x)`, a new tensor shaped like x (B, C, ...)."""
-        beta = F.softplus(self.rho).reshape(1, -1, *([1] * (x.dim() - 2)))
-        # in place on the temporary beta * x, as Residual Flows does: its backward
-        # needs x and beta, not the product
-        return torch.sigmoid_(beta * x)
+    def slope(self) -> Tensor:
+        r"""The slopes :math:`\beta = \mathrm{softplus}(\rho)`, shape (C,)."""
+        return F.softplus(self.rho)
 
 
 ACTIVATIONS = ("elu", "lipswish")
@@ -90,42 +89,6 @@ def _activation(name: str, channels: int) -> nn.Module:
     if name == "lipswish":
         return LipSwish(channels)
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
-
-
-class _ProductSavedAsFactors(torch.autograd.graph.saved_tensors_hooks):
-    """Saved-tensor hooks under which ``product = a * b`` is saved for backward as its
-    two factors, and recomputed when the backward reads it.
-
-    Used around a convolution that follows a LipSwish (see
-    :meth:`ConvResidualBranch.products_saved_as_factors`). Other tensors saved inside
-    are kept as they are; outer saved-tensor hooks do not see them.
-    """
-
-    def __init__(self, product: Tensor, a: Tensor, b: Tensor):
-        super().__init__(self._pack, self._unpack)
-        self._product, self._factors = product, (a, b)
-
-    def _pack(self, tensor: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        return self._factors if tensor is self._product else tensor
-
-    @staticmethod
-    def _unpack(packed: Tensor | tuple[Tensor, Tensor]) -> Tensor:
-        if isinstance(packed, tuple):
-            with torch.no_grad():
-                return packed[0] * packed[1]
-        return packed
-
-    def __enter__(self) -> None:
-        try:
-            super().__enter__()
-            self._entered = True
-        except RuntimeError:  # inside torch.func transforms, which allow no such hooks
-            self._entered = False  # the product is saved as itself
-
-    def __exit__(self, *args) -> None:
-        self._product = self._factors = None  # the graph keeps what it saved, not these
-        if self._entered:
-            super().__exit__(*args)
 
 
 class ConvResidualBranch(nn.Module):
@@ -180,9 +143,8 @@ class ConvResidualBranch(nn.Module):
         self.acts = nn.ModuleList([_activation(activation, c) for c in (channels, hidden, hidden)])
         # the 3x3 certificates' state between calls (it makes them cheaper, not different)
         self._bound_memory = [ConvBoundMemory() for _ in self.convs]
-        self._cache: tuple[tuple, list[Tensor]] | None = None
+        self._cache: tuple[tuple, list[tuple[Tensor, Tensor | None]]] | None = None
         self._fixed: tuple[tuple[int, int], list[Tensor]] | None = None  # (size, scales)
-        self._products_as_factors = False
 
     def _norms(self, spatial: tuple[int, int]) -> list[Tensor]:
         norms = []
@@ -200,12 +162,40 @@ class ConvResidualBranch(nn.Module):
 
     def _rescaled(
         self, spatial: tuple[int, int], scales: list[Tensor] | None = None
-    ) -> list[Tensor]:
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """Each convolution's (weight, bias) as applied: the weight times its certified
+        scale factor, and with LipSwish the activations' slopes folded in (below)."""
         scales = self._scales(self._norms(spatial)) if scales is None else scales
+        weights = [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
+        biases = [c.bias for c in self.convs]
         if self.activation == "lipswish":
-            # every LipSwish is followed by a convolution, which takes its division
-            scales = [s / LipSwish.divisor for s in scales]
-        return [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
+            weights, biases = self._slopes_folded(weights, biases)
+        return list(zip(weights, biases, strict=True))
+
+    def _slopes_folded(
+        self, weights: list[Tensor], biases: list[Tensor | None]
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        r"""The weights and biases under which LipSwish is SiLU.
+
+        LipSwish's :math:`x \sigma(\beta x) / 1.1` is
+        :math:`\mathrm{silu}(\beta x) / (1.1 \beta)`: each convolution takes the
+        division by :math:`1.1 \beta` of the LipSwish before it on its input channels,
+        and the slope :math:`\beta` of the LipSwish after it on its output channels and
+        bias. (The first LipSwish, on the branch's input, takes its own slope.) The same
+        function, with one tensor fewer saved for backward and a single fused pass per
+        activation.
+        """
+        slopes = [act.slope() for act in self.acts] + [None]
+        folded_weights, folded_biases = [], []
+        for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+            weight = weight / (LipSwish.divisor * slopes[i]).reshape(1, -1, 1, 1)
+            after = slopes[i + 1]
+            if after is not None:
+                weight = weight * after.reshape(-1, 1, 1, 1)
+                bias = None if bias is None else bias * after
+            folded_weights.append(weight)
+            folded_biases.append(bias)
+        return folded_weights, folded_biases
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -213,47 +203,23 @@ class ConvResidualBranch(nn.Module):
                 f"expected images (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
             )
         spatial = (x.shape[-2], x.shape[-1])
+        grad = torch.is_grad_enabled()
         h = x
-        weights = self._weights(spatial)
-        for i, (act, conv, weight) in enumerate(zip(self.acts, self.convs, weights, strict=True)):
-            saving = contextlib.nullcontext()
+        if self.activation == "lipswish":  # silu after each slope, folded from the first on
+            h = x * self.acts[0].slope().reshape(1, -1, 1, 1)
+        layers = zip(self.acts, self.convs, self._weights(spatial), strict=True)
+        for i, (act, conv, (weight, bias)) in enumerate(layers):
             if isinstance(act, LipSwish):
-                # the weight took LipSwish's division (_rescaled)
-                if self._products_as_factors and torch.is_grad_enabled():
-                    gate = act.gate(h)
-                    h, x_in = h * gate, h
-                    saving = _ProductSavedAsFactors(h, x_in, gate)
-                else:
-                    h = act.undivided(h)
+                # SiLU's backward reads its input; without autograd, in place
+                h = F.silu(h, inplace=not grad)
             elif i > 0:
                 # in place on a convolution's output (not needed by its backward); ELU's
                 # backward reads its own result, so autograd allows it
                 h = F.elu(h, inplace=True)
             else:
                 h = act(h)
-            with saving:
-                h = F.conv2d(h, weight, conv.bias, padding=conv.padding)
+            h = F.conv2d(h, weight, bias, padding=conv.padding)
         return h
-
-    @contextlib.contextmanager
-    def products_saved_as_factors(self) -> Iterator[None]:
-        """Within the block, a call with autograd keeps one activation-sized tensor
-        fewer per LipSwish in its graph: the product ``x * gate``, which the next
-        convolution saves for its weight gradient, is saved as its two factors (which
-        LipSwish's own backward keeps anyway) and recomputed each time a backward pass
-        goes through that convolution. Values and gradients are the same to the bit.
-
-        It pays where a graph is kept between backward passes, as the memory-efficient
-        log-det estimator keeps each branch's until the step's backward (which enters
-        this around it); where a double backward saves the recomputed product again,
-        it costs the multiplications and saves nothing. No effect with ELU, without
-        autograd, or inside ``torch.func`` transforms.
-        """
-        previous, self._products_as_factors = self._products_as_factors, True
-        try:
-            yield
-        finally:
-            self._products_as_factors = previous
 
     @contextlib.contextmanager
     def certified_once(self, spatial: tuple[int, int]) -> Iterator[None]:
@@ -274,15 +240,15 @@ class ConvResidualBranch(nn.Module):
         finally:
             self._fixed = None
 
-    def _weights(self, spatial: tuple[int, int]) -> list[Tensor]:
+    def _weights(self, spatial: tuple[int, int]) -> list[tuple[Tensor, Tensor | None]]:
         if self._fixed is not None and self._fixed[0] == spatial:
             return self._rescaled(spatial, self._fixed[1])
         # Without autograd (fixed-point inverse, evaluation) the rescaled weights are
-        # reused until a weight changes in place (an optimiser step bumps _version).
+        # reused until a parameter changes in place (an optimiser step bumps _version).
         if torch.is_grad_enabled():
             self._cache = None
             return self._rescaled(spatial)
-        key = (spatial, *((c.weight._version, c.weight.data_ptr()) for c in self.convs))
+        key = (spatial, *((p._version, p.data_ptr()) for p in self.parameters()))
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._rescaled(spatial))
         return self._cache[1]
@@ -291,14 +257,12 @@ class ConvResidualBranch(nn.Module):
         state = dict(super().__getstate__())
         state["_cache"] = None
         state["_fixed"] = None
-        state["_products_as_factors"] = False
         return state
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         if "_bound_memory" not in state:  # pickled before the certificates kept state
             self._bound_memory = [ConvBoundMemory() for _ in self.convs]
-        self.__dict__.setdefault("_products_as_factors", False)  # pickled before it
 
     @torch.no_grad()
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
