@@ -1,3 +1,4 @@
+import copy
 import functools
 import io
 import pickle
@@ -250,6 +251,23 @@ def test_the_branch_is_its_layers_composed(activation):
     expected = _series_like_gradients(functools.partial(_composed, g), params, x)
     for a, b in zip(_series_like_gradients(g, params, x), expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("rho", [-90.0, -30.0, 0.0, 30.0])
+def test_folded_lipswish_slopes_stay_accurate_at_extreme_slopes(rho):
+    """The slopes folded into the float32 convolutions (divided by, for the weights
+    after them) keep the branch within a few float32 epsilons of its float64 layers,
+    from a slope that underflows (softplus(-90): floored at LipSwish.min_slope) to 30."""
+    torch.manual_seed(0)
+    g = ConvResidualBranch(3, hidden=8, coeff=0.9, activation="lipswish")
+    with torch.no_grad():
+        for act in g.acts:
+            act.rho.fill_(rho)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        reference = _composed(copy.deepcopy(g).double(), x.double())
+        error = (g(x).double() - reference).abs().max() / reference.abs().max()
+    assert error < 1e-6
 
 
 def test_a_branch_pickled_before_its_certificates_kept_state_still_loads():

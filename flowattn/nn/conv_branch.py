@@ -75,9 +75,13 @@ class LipSwish(nn.Module):
             return x * gate
         return gate.mul_(x)
 
+    min_slope = 1e-12  # below it LipSwish is x / 2.2 to float precision anyway
+
     def slope(self) -> Tensor:
-        r"""The slopes :math:`\beta = \mathrm{softplus}(\rho)`, shape (C,)."""
-        return F.softplus(self.rho)
+        r"""The slopes :math:`\beta = \mathrm{softplus}(\rho)`, shape (C,), at least
+        :attr:`min_slope` (:class:`ConvResidualBranch` divides by them; a softplus that
+        underflowed to 0 would make that infinite)."""
+        return F.softplus(self.rho).clamp_min(self.min_slope)
 
 
 ACTIVATIONS = ("elu", "lipswish")
