@@ -8,7 +8,9 @@ then certified :math:`\mathrm{Lip}_2(g) \le c`. The bound of a 3x3 convolution c
 from the DFT of its kernel on the zero-padded grid
 (:func:`~flowattn.lipschitz.conv_spectral_upper_bound`), exact for the 1x1 map;
 i-ResNet's power iteration under-estimates the norm and is not used. The bound depends
-on the image size, so the rescaling is computed for the size of each input.
+on the image size, so the rescaling is computed for the size of each input. With
+LipSwish the branch evaluates :math:`\mathrm{silu}(\beta x) / (1.1 \beta)`, the same
+function, with the slopes folded into the convolutions.
 
 Note:
     ``coeff`` is the bound on the whole branch. i-ResNet's "coefficient 0.9 per layer"
@@ -61,19 +63,13 @@ class LipSwish(nn.Module):
         self.rho = nn.Parameter(torch.full((channels,), 0.5))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.undivided(x).div_(self.divisor)
-
-    def undivided(self, x: Tensor) -> Tensor:
-        r""":math:`x \sigma(\beta x)`, LipSwish before its division by
-        :attr:`divisor`."""
         beta = self.slope().reshape(1, -1, *([1] * (x.dim() - 2)))
         # In place on temporaries, as Residual Flows does: the product beta * x is not
         # needed by its backward, nor is x * sigmoid; without autograd the gate takes
         # the product too. The same operations in the same order either way.
         gate = torch.sigmoid_(beta * x)
-        if torch.is_grad_enabled():
-            return x * gate
-        return gate.mul_(x)
+        product = x * gate if torch.is_grad_enabled() else gate.mul_(x)
+        return product.div_(self.divisor)
 
     min_slope = 1e-12  # below it LipSwish is x / 2.2 to float precision anyway
 
