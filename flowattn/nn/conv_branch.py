@@ -181,9 +181,9 @@ class ConvResidualBranch(nn.Module):
         :math:`\mathrm{silu}(\beta x) / (1.1 \beta)`: each convolution takes the
         division by :math:`1.1 \beta` of the LipSwish before it on its input channels,
         and the slope :math:`\beta` of the LipSwish after it on its output channels and
-        bias. (The first LipSwish, on the branch's input, takes its own slope.) The same
-        function, with one tensor fewer saved for backward and a single fused pass per
-        activation.
+        bias. (The first LipSwish, on the branch's input, has no convolution before it:
+        :meth:`forward` multiplies the input by its slope.) The same function, with one
+        tensor fewer saved for backward and a single fused pass per activation.
         """
         slopes = [act.slope() for act in self.acts] + [None]
         folded_weights, folded_biases = [], []
@@ -205,7 +205,9 @@ class ConvResidualBranch(nn.Module):
         spatial = (x.shape[-2], x.shape[-1])
         grad = torch.is_grad_enabled()
         h = x
-        if self.activation == "lipswish":  # silu after each slope, folded from the first on
+        if self.activation == "lipswish":
+            # LipSwish as SiLU: the first slope applied here, the others folded into the
+            # convolutions before them (_slopes_folded)
             h = x * self.acts[0].slope().reshape(1, -1, 1, 1)
         layers = zip(self.acts, self.convs, self._weights(spatial), strict=True)
         for i, (act, conv, (weight, bias)) in enumerate(layers):
