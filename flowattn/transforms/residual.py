@@ -22,6 +22,7 @@ from nflows.transforms import Transform
 from torch import Tensor, nn
 
 from ..logdet import LogDetEstimator, PowerSeriesLogDet
+from ..precision import ieee_float32
 from ..solvers import SOLVERS, FixedPointResult, solve_fixed_point
 
 
@@ -43,7 +44,9 @@ class ResidualTransform(Transform):
     (:class:`ConvergenceWarning`, with the residual reached) or, with ``strict=True``,
     raises :class:`ConvergenceError` when it does not converge. The last forward's
     log-dets (B,) are kept in :attr:`last_logabsdet` (detached). Its log-det is minus
-    the estimator's log-det at the solution. The inverse is not differentiable.
+    the estimator's log-det at the solution. The inverse is not differentiable. On CUDA
+    both directions run in IEEE float32, TF32 off (:func:`flowattn.precision.ieee_float32`
+    says why).
 
     Arguments:
         branch: The residual branch g, a module from (B, ...) to (B, ...); ideally with
@@ -136,13 +139,18 @@ class ResidualTransform(Transform):
         return torch.full((like.shape[0],), math.nan, dtype=like.dtype, device=like.device)
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.skip_log_dets:
-            return inputs + self.branch(inputs), self._nan_log_dets(inputs)
-        gx, logabsdet = self.estimator(self.branch, inputs)
+        with ieee_float32():
+            if self.skip_log_dets:
+                return inputs + self.branch(inputs), self._nan_log_dets(inputs)
+            gx, logabsdet = self.estimator(self.branch, inputs)
         self.last_logabsdet = logabsdet.detach()
         return inputs + gx, logabsdet
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        with ieee_float32():
+            return self._inverse(inputs)
+
+    def _inverse(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         result = solve_fixed_point(
             self.branch,
             inputs.detach(),
@@ -159,7 +167,7 @@ class ResidualTransform(Transform):
             )
             if self.strict:
                 raise ConvergenceError(message)
-            warnings.warn(message, ConvergenceWarning, stacklevel=2)
+            warnings.warn(message, ConvergenceWarning, stacklevel=3)  # inverse's caller
         if self.skip_log_dets:
             return result.solution, self._nan_log_dets(result.solution)
         with torch.no_grad():
