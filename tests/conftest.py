@@ -15,6 +15,16 @@ def _seed():
     yield
 
 
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=_NO_CUDA)])
+def device(request) -> torch.device:
+    """Each device a test should hold on: the CPU always, CUDA where there is one
+    (``pytest -k cuda`` runs those alone)."""
+    return torch.device(request.param)
+
+
 def dense_jacobian_of(fn, x: torch.Tensor) -> torch.Tensor:
     """Per-sample dense Jacobians (B, D, D) of fn at x, from torch.func.jacrev."""
     d = x[0].numel()

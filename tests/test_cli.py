@@ -80,6 +80,22 @@ def test_sample_reconstruct_certify_attention(run, tmp_path, capsys):
     assert att.is_file() and att.stat().st_size > 1000
 
 
+def test_a_run_trained_on_a_device_resumes_samples_and_reconstructs_on_the_cpu(
+    device, tmp_path, capsys
+):
+    run_dir = str(tmp_path / "run")
+    assert main(["train", *SMALL, "--device", str(device), "--run-dir", run_dir]) == 0
+    assert "test bits/dim after 6 steps" in capsys.readouterr().out
+    resume = ["--resume", "--steps", "8", "--device", "cpu"]
+    assert main(["train", *SMALL, *resume, "--run-dir", run_dir]) == 0
+    assert "test bits/dim after 8 steps" in capsys.readouterr().out
+    sample = ["sample", run_dir, "-n", "4", "--device", "cpu", "-o", str(tmp_path / "s.png")]
+    assert main(sample) == 0 and (tmp_path / "s.png").is_file()
+    images = ["--images", "digits", "--limit", "5", "-o", str(tmp_path / "r.png")]
+    assert main(["reconstruct", run_dir, "--device", "cpu", *images]) == 0
+    assert "5 images: max |error| 0 levels" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -131,8 +131,8 @@ def test_a_training_call_never_reads_a_value_back_to_the_host():
     """Forward and backward of a branch, certificate included, run without any scalar
     read (``.item()``, ``int()``, ``float()`` of a tensor), each of which would wait
     for an accelerator to finish before the next kernel could be queued. The
-    certificates' warm starts read a few (they pick the frequencies to eigensolve) and
-    are on by default on the CPU only: here they are switched off, as on an accelerator."""
+    certificates' warm starts read a few (they pick the frequencies to eigensolve): here
+    they are switched off, which is how a user gets a training call with none."""
     g = ConvResidualBranch(4, hidden=8, coeff=0.9)
     for memory in g._bound_memory:
         memory.warm_start = False
@@ -224,14 +224,15 @@ def _series_like_gradients(g, params, x: torch.Tensor) -> list[torch.Tensor]:
     vector-Jacobian product, as the Neumann log-det gradient takes) plus a loss on g(x)."""
     x = x.clone().requires_grad_(True)
     gx = g(x)
-    u, v = torch.ones_like(x), torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape)
+    u = torch.ones_like(x)
+    v = torch.linspace(-1, 1, x.numel(), dtype=x.dtype, device=x.device).reshape(x.shape)
     (vjp,) = torch.autograd.grad(gx, x, u, create_graph=True)
     loss = (vjp * v).sum() + gx.square().sum()
     return torch.autograd.grad(loss, [x, *params])
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_the_branch_is_its_layers_composed(activation):
+def test_the_branch_is_its_layers_composed(activation, device):
     """g is its layers composed as written (with LipSwish, which the branch runs as SiLU
     with the slopes and the division folded into the convolutions), with and without
     autograd; so are its first and second derivatives with respect to the input and
@@ -242,7 +243,8 @@ def test_the_branch_is_its_layers_composed(activation):
         for act in g.acts:
             if isinstance(act, LipSwish):
                 act.rho.normal_()
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    g.to(device)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device)
     h = _composed(g, x)
     torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)
     with torch.no_grad():

@@ -122,19 +122,20 @@ def test_neumann_gradient_equals_backprop_with_exact_traces(kind):
     ],
 )
 @pytest.mark.parametrize("kind", ["external", "l2", "dot"])
-def test_memory_efficient_backward_matches_plain(kind, estimator, options):
-    plain = invertible_attention(kind, 4, estimator=estimator, n_terms=3, **options).double()
+def test_memory_efficient_backward_matches_plain(kind, estimator, options, device):
+    plain = invertible_attention(kind, 4, estimator=estimator, n_terms=3, **options)
     efficient = invertible_attention(
         kind, 4, estimator=estimator, n_terms=3, memory_efficient=True, **options
-    ).double()
+    )
     efficient.load_state_dict(plain.state_dict())
-    x = torch.randn(3, 4, 4, 4, dtype=torch.float64) * SCALE[kind]
+    plain, efficient = (s.to(device=device, dtype=torch.float64) for s in (plain, efficient))
+    x = torch.randn(3, 4, 4, 4, dtype=torch.float64, device=device) * SCALE[kind]
     for a, b in zip(_grads(plain, x, 7), _grads(efficient, x, 7), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("estimator", ["series", "roulette"])
-def test_memory_efficient_backward_matches_plain_with_lipswish_convolutions(estimator):
+def test_memory_efficient_backward_matches_plain_with_lipswish_convolutions(estimator, device):
     """The memory-efficient estimator's gradients through a LipSwish convolution
     branch (LipSwish evaluated as SiLU with its slopes folded into the convolutions)
     are the plain backward's."""
@@ -144,10 +145,10 @@ def test_memory_efficient_backward_matches_plain_with_lipswish_convolutions(esti
         ResidualTransform(
             copy.deepcopy(branch),
             make_estimator(estimator, n_terms=3, memory_efficient=flag, **options),
-        ).double()
+        ).to(device=device, dtype=torch.float64)
         for flag in (False, True)
     )
-    x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
+    x = torch.randn(3, 3, 5, 5, dtype=torch.float64, device=device)
     for a, b in zip(_grads(plain, x, 7), _grads(efficient, x, 7), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 

@@ -36,7 +36,7 @@ def _images(n=4, shape=SHAPE):
 def _train_one_step(model):
     """One optimiser step: ActNorm initialises on data, every parameter moves."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    y, logdet = model.dequantize(_images(8, model.image_shape))
+    y, logdet = model.dequantize(_images(8, model.image_shape).to(model.device))
     loss = -(model.log_prob(y) + logdet).mean()
     opt.zero_grad()
     loss.backward()
@@ -97,19 +97,19 @@ def test_factorised_gaussian_matches_closed_form():
 
 
 @pytest.mark.parametrize("preset, attention", [("iresnet-attn", "l2"), ("glow-attn", None)])
-def test_model_logdet_equals_dense_jacobian(preset, attention):
+def test_model_logdet_equals_dense_jacobian(preset, attention, device):
     """Whole model in float64 with exact log-dets against jacrev of data -> latent."""
     options = {"attention": attention} if attention else {}
-    model = build_model(preset, image_shape=(1, 8, 8), blocks=1, hidden=4, **options).double()
-    _train_one_step(model)
-    y = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 0.9 + 0.05
+    model = build_model(preset, image_shape=(1, 8, 8), blocks=1, hidden=4, **options)
+    _train_one_step(model.to(device=device, dtype=torch.float64))
+    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
     with model.using_estimator("exact"):
         z, logabsdet = model._transform(y)
         log_prob = model.log_prob(y)
     with model.using_estimator(_OutputsOnly()):  # the Jacobian needs outputs only
         jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
     assert torch.allclose(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8)
-    base = StandardNormal([64]).double().log_prob(z)
+    base = StandardNormal([64]).to(device=device, dtype=torch.float64).log_prob(z)
     assert torch.allclose(log_prob, base + logabsdet, atol=1e-10)
 
 
@@ -125,11 +125,11 @@ def test_log_prob_finite_and_gradients_reach_every_parameter(preset, attention):
 
 
 @pytest.mark.parametrize("preset, attention", CERTIFIED)
-def test_reconstruct_certified_presets(preset, attention):
-    model = _train_one_step(_model(preset, attention))
-    y, _ = model.dequantize(_images(6))
+def test_reconstruct_certified_presets(preset, attention, device):
+    model = _train_one_step(_model(preset, attention).to(device))
+    y, _ = model.dequantize(_images(6).to(device))
     assert (model.reconstruct(y) - y).abs().max() < 1e-4
-    x = _images(6)
+    x = _images(6).to(device)
     assert torch.equal(model.reconstruct(x), x)
     bounds = model.lipschitz_bounds()
     residual = not preset.startswith("glow")
@@ -140,16 +140,17 @@ def test_reconstruct_certified_presets(preset, attention):
 # The uncertified dot and concat kinds need not converge: warnings expected there.
 @pytest.mark.filterwarnings("ignore::flowattn.transforms.ConvergenceWarning")
 @pytest.mark.parametrize("preset, attention", VARIANTS)
-def test_sample_shapes_and_ranges(preset, attention):
-    model = _train_one_step(_model(preset, attention))
+def test_sample_shapes_and_ranges(preset, attention, device):
+    model = _train_one_step(_model(preset, attention).to(device))
     samples = model.sample(5, temperature=0.7)
     assert samples.shape == (5, *SHAPE) and samples.dtype == torch.float32
+    assert samples.device.type == device.type
     assert samples.min() >= 0 and samples.max() <= 1
     as_uint8 = model.sample(3, as_uint8=True, batch_size=2)
     assert as_uint8.shape == (3, *SHAPE) and as_uint8.dtype == torch.uint8
     cold = model.sample(2, temperature=0.0)
     assert torch.allclose(cold[0], cold[1])
-    z = model.encode(model.dequantize(_images(2))[0])
+    z = model.encode(model.dequantize(_images(2).to(device))[0])
     assert z.shape == (2, math.prod(SHAPE))
 
 

@@ -24,11 +24,12 @@ from flowattn.transforms import (
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("scale", [1.0, 100.0])
 @pytest.mark.parametrize("solver", ["anderson", "banach"])
-def test_inverse_round_trip(kind, dtype, tol, scale, solver):
+def test_inverse_round_trip(kind, dtype, tol, scale, solver, device):
     """Inputs of magnitude up to `scale`, uniform, plus a few exactly at +-scale."""
     step = invertible_attention(kind, 6, solver=solver, strict=True).to(dtype)
     stress_weights(step.branch)
-    x = (torch.rand(3, 6, 8, 8, dtype=dtype) * 2 - 1) * scale
+    step.to(device)
+    x = (torch.rand(3, 6, 8, 8, dtype=dtype, device=device) * 2 - 1) * scale
     x[:, 0, 0, 0] = scale
     x[:, 1, 0, 0] = -scale
     with torch.no_grad():
@@ -62,13 +63,14 @@ def test_inverse_logdet_is_minus_forward_logdet(kind):
     torch.testing.assert_close(inverse_logdet, -forward_logdet.detach(), rtol=1e-8, atol=1e-8)
 
 
-STEPS = [*KINDS, "faithful:gaussian", "conv"]
+STEPS = [*KINDS, "faithful:gaussian", "conv", "conv:lipswish"]
 
 
 def _exact_step(variant: str) -> ResidualTransform:
     """A residual step of each kind with the exact log-det, in float64."""
-    if variant == "conv":
-        branch = ConvResidualBranch(4, hidden=8, coeff=0.9)
+    if variant.startswith("conv"):
+        activation = "lipswish" if variant == "conv:lipswish" else "elu"
+        branch = ConvResidualBranch(4, hidden=8, coeff=0.9, activation=activation)
         return ResidualTransform(branch, ExactLogDet(), input_shape=(4, 4, 4)).double()
     kind = variant.removeprefix("faithful:")
     certified = not variant.startswith("faithful:")
@@ -76,10 +78,11 @@ def _exact_step(variant: str) -> ResidualTransform:
 
 
 @pytest.mark.parametrize("variant", STEPS)
-def test_residual_steps_are_bijections_with_exact_logdets(variant):
+def test_residual_steps_are_bijections_with_exact_logdets(variant, device):
     step = _exact_step(variant)
     stress_weights(step.branch, 1.5)
-    check_bijection(step, torch.randn(2, 4, 4, 4, dtype=torch.float64) * 0.5)
+    step.to(device)
+    check_bijection(step, torch.randn(2, 4, 4, 4, dtype=torch.float64, device=device) * 0.5)
 
 
 @pytest.mark.parametrize("variant", [*STEPS, "faithful:dot", "faithful:concat"])
