@@ -46,6 +46,7 @@ from measure import (
     KernelWork,
     interleaved_times,
     median_ratio_ci,
+    peak_cuda_rise_mib,
     peak_rss_rise_mib,
     return_freed_memory_to_the_os,
 )
@@ -163,12 +164,7 @@ def peak_memory_mib(args, kind: str, n_terms: int, backward: str) -> float:
     step = make_step(args, kind, n_terms, **BACKWARDS[backward])
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=args.device) * 0.5
     one_step(step, x)  # warm-up: lazy initialisation, allocator pools
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    one_step(step, x)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return peak_cuda_rise_mib(lambda: one_step(step, x))
 
 
 def memory_child(args) -> None:

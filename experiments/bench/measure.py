@@ -1,5 +1,5 @@
-"""Measuring helpers shared by the benchmarks: peak memory of a step on CPU (Linux), and
-the median ratio of paired timings with a bootstrap confidence interval."""
+"""Measuring helpers shared by the benchmarks: peak memory of a step on CPU (Linux) and
+on CUDA, and the median ratio of paired timings with a bootstrap confidence interval."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def peak_rss_rise_mib(step: Callable[[], None]) -> float:
     base = proc_status_kib("VmRSS")
     step()
     return (proc_status_kib("VmHWM") - base) / 1024
+
+
+def peak_cuda_rise_mib(step: Callable[[], None]) -> float:
+    """The peak rise (MiB) of CUDA memory held by tensors during one call of ``step``,
+    above what they held before it (the caching allocator counts live tensors exactly,
+    so no fresh process is needed; call ``step`` once before, for lazy initialisation)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def median_ratio_ci(

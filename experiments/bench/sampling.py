@@ -19,10 +19,14 @@ with that code in this process: the same weights loaded into the baseline's mode
 preset, ``sample`` (same seeds) and ``reconstruct`` calls interleaved, and the median
 ratio baseline / this with its bootstrap 95% interval: the speed-up.
 
+With ``--device cuda`` the models run on the GPU and every call is timed to a
+synchronisation.
+
 Usage:
     python experiments/bench/sampling.py
     python experiments/bench/sampling.py --presets iresnet glow --n 256 --threads 2
     python experiments/bench/sampling.py --baseline /tmp/filed --presets iresnet resflow
+    python experiments/bench/sampling.py --device cuda --n 256
 """
 
 from __future__ import annotations
@@ -50,10 +54,18 @@ def timed(call, reps: int) -> tuple[float, object]:
     """Median seconds of ``reps`` calls, and the last call's result."""
     times, result = [], None
     for _ in range(reps):
+        _synchronize()
         start = time.perf_counter()
         result = call()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def _synchronize() -> None:
+    """Waits for queued CUDA work, so that it is counted in the call that queued it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -65,16 +77,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--baseline", help="checkout of an older flowattn to compare with")
+    parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     baseline = None if args.baseline is None else import_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     x_train = stack_images(load_dataset(args.dataset, "train"), 512)
-    x_test = stack_images(load_dataset(args.dataset, "test"), args.n)
+    x_test = stack_images(load_dataset(args.dataset, "test"), args.n).to(args.device)
     shape = tuple(x_train.shape[1:])
     print(
         f"{args.dataset}: images {shape}, tiny models trained {args.steps} steps; "
         f"{args.n} images per call, median of {args.reps} calls, {args.threads} thread(s), "
-        f"torch {torch.__version__}"
+        f"{args.device}, torch {torch.__version__}"
     )
     print(f"{'preset':<14} {'sample img/s':>13} {'reconstruct img/s':>18} "
           f"{'iterations per step':>22} {'max error (levels)':>19} "
@@ -82,7 +95,7 @@ def main() -> None:
     models = {}
     for preset in args.presets:
         torch.manual_seed(0)
-        model = build_model(preset, image_shape=shape, size="tiny")
+        model = build_model(preset, image_shape=shape, size="tiny").to(args.device)
         Trainer(model, x_train, batch_size=32, lr=1e-3, warmup=1).run(args.steps, progress=False)
         model.eval()
         models[preset] = model
@@ -118,8 +131,10 @@ def ratio_text(numerators: list[float], denominators: list[float]) -> str:
 
 def baseline_model(baseline, preset: str, model, shape: tuple[int, ...]):
     """The baseline package's model of ``preset`` with ``model``'s weights."""
-    old = import_module(f"{baseline.__name__}.models").build_model(
-        preset, image_shape=shape, size="tiny"
+    old = (
+        import_module(f"{baseline.__name__}.models")
+        .build_model(preset, image_shape=shape, size="tiny")
+        .to(model.device)
     )
     try:
         old.load_state_dict(model.state_dict())
@@ -145,11 +160,13 @@ def against_baseline(model, old, x_test, n: int, reps: int) -> tuple[str, str, s
 
     reps = max(reps, 5)
     times = interleaved_times(
-        {"this": sampler("this", model), "baseline": sampler("baseline", old)}, reps
+        {"this": sampler("this", model), "baseline": sampler("baseline", old)},
+        reps,
+        sync=_synchronize,
     )
     sample = ratio_text(times["baseline"], times["this"])
     calls = {"this": lambda: model.reconstruct(x_test), "baseline": lambda: old.reconstruct(x_test)}
-    times = interleaved_times(calls, reps)
+    times = interleaved_times(calls, reps, sync=_synchronize)
     recon = ratio_text(times["baseline"], times["this"])
     iterations = [step.last_inverse.iterations for _, step in old.residual_steps()]
     return sample, recon, ",".join(map(str, iterations)) or "-"
@@ -163,7 +180,7 @@ def interleaved(model, n: int, reps: int) -> tuple[list[float], list[float]]:
         "without": lambda: model.sample(n),
     }
     with torch.no_grad():
-        times = interleaved_times(calls, max(reps, 5), warmup=1)
+        times = interleaved_times(calls, max(reps, 5), warmup=1, sync=_synchronize)
     return times["with"], times["without"]
 
 

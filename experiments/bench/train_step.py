@@ -24,12 +24,16 @@ in one process (order alternating, warm-up first) and reported as medians with t
 ratio and its bootstrap 95% interval; peak memory is the resident-set rise of one step
 after two warm-up steps, each model in a fresh process (``--memory-pairs N``: N rounds,
 printed as the mean paired difference with its standard error, since one process's
-figure moves by about a MiB). Without ``--reference`` only flowattn's figures print.
+figure moves by about a MiB). With ``--device cuda`` both models run on the GPU, each
+step is timed to a synchronisation, and peak memory is the rise of the memory that
+tensors hold on the device (exact, so one round in this process). Without
+``--reference`` only flowattn's figures print.
 
 Usage:
     python experiments/bench/train_step.py --reference /path/to/residual-flows
     python experiments/bench/train_step.py --settings a --reps 15 --threads 1
     python experiments/bench/train_step.py --reference PATH --settings b --memory-pairs 8
+    python experiments/bench/train_step.py --reference PATH --device cuda --reps 30
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch
 from measure import (
     interleaved_times,
     median_ratio_ci,
+    peak_cuda_rise_mib,
     peak_rss_rise_mib,
     return_freed_memory_to_the_os,
 )
@@ -133,18 +138,19 @@ def reference_step(model, squeeze, optimizer, x: torch.Tensor) -> None:
 def steppers(setting: str, args) -> dict:
     """name -> a function running one training step, each on its own model."""
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8)
-    ours = build_ours(setting, args)
+    x = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8, device=args.device)
+    ours = build_ours(setting, args).to(args.device)
     ours_opt = torch.optim.Adam(ours.parameters(), lr=1e-4)
     out = {"flowattn": lambda: ours_step(ours, ours_opt, x)}
     sizes = {"flowattn": sum(p.numel() for p in ours.parameters())}
     if args.reference:
         reference, squeeze = build_reference(setting, args)
+        reference.to(args.device)
         ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-4)
         out["reference"] = lambda: reference_step(reference, squeeze, ref_opt, x)
         sizes["reference"] = sum(p.numel() for p in reference.parameters())
     if setting == "a":  # built last: the models above start as they always have
-        neumann = build_ours(setting, args, gradient="neumann")
+        neumann = build_ours(setting, args, gradient="neumann").to(args.device)
         neumann.load_state_dict(ours.state_dict())
         neumann_opt = torch.optim.Adam(neumann.parameters(), lr=1e-4)
         out["flowattn-neumann"] = lambda: ours_step(neumann, neumann_opt, x)
@@ -154,7 +160,8 @@ def steppers(setting: str, args) -> dict:
 
 def time_setting(setting: str, args) -> dict:
     steps, sizes = steppers(setting, args)
-    times = interleaved_times(steps, args.reps, warmup=args.warmup)
+    sync = torch.cuda.synchronize if args.device.type == "cuda" else None
+    times = interleaved_times(steps, args.reps, warmup=args.warmup, sync=sync)
     return {"times": times, "sizes": sizes}
 
 
@@ -167,7 +174,16 @@ def peak_memory_mib(setting: str, name: str, args) -> float:
 
 def peak_memories(setting: str, names: list[str], args) -> dict[str, list[float]]:
     """Each model's peak resident-set rise in ``--memory-pairs`` fresh processes, one
-    round of the models after another, the order reversed every other round."""
+    round of the models after another, the order reversed every other round. On CUDA,
+    one round in this process (see :func:`peak_cuda_rise_mib`)."""
+    if args.device.type == "cuda":
+        steps, _ = steppers(setting, args)
+        peaks = {}
+        for name in names:
+            for _ in range(2):  # as memory_child's warm-up steps
+                steps[name]()
+            peaks[name] = [peak_cuda_rise_mib(steps[name])]
+        return peaks
     peaks: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.memory_pairs):
         for name in names if round_ % 2 == 0 else names[::-1]:
@@ -179,7 +195,7 @@ def paired_difference(ours: list[float], reference: list[float]) -> str:
     """The mean paired difference (MiB) with its standard error when there are pairs."""
     differences = [a - b for a, b in zip(ours, reference, strict=True)]
     if len(differences) == 1:
-        return (f"{differences[0]:+.2f} MiB (one fresh process each; --memory-pairs N "
+        return (f"{differences[0]:+.2f} MiB (one measurement each; on CPU --memory-pairs N "
                 "repeats, --memory-child SETTING:NAME runs one)")  # fmt: skip
     error = statistics.stdev(differences) / math.sqrt(len(differences))
     values = ", ".join(f"{d:+.2f}" for d in differences)
@@ -211,6 +227,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15, help="timed steps per model (>= 15)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--memory-pairs", type=int, default=1,
                         help="fresh processes per model for peak memory (mean +- SE)")  # fmt: skip
@@ -226,7 +243,8 @@ def main() -> None:
         return
     print(
         f"batch {args.batch}, 3 scales x {args.blocks} blocks, {args.hidden} hidden channels, "
-        f"{args.threads} thread(s), torch {torch.__version__}; {args.reps} interleaved steps "
+        f"{args.threads} thread(s), {args.device}, torch {torch.__version__}; "
+        f"{args.reps} interleaved steps "
         f"per model after {args.warmup} warm-up steps"
     )
     for setting in args.settings:
