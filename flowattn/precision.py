@@ -25,7 +25,8 @@ __all__ = ["ieee_float32"]
 def ieee_float32() -> Iterator[None]:
     """Runs the block with TF32 off for cuDNN convolutions and CUDA matrix products,
     then restores both settings (whatever happens in the block). Nothing changes on
-    the CPU, whose float32 arithmetic is always IEEE.
+    the CPU, whose float32 arithmetic is always IEEE. The settings are PyTorch's,
+    process-wide: CUDA work that another thread runs meanwhile runs without TF32 too.
 
     Example:
         >>> conv = torch.nn.Conv2d(3, 3, 3)
