@@ -285,6 +285,11 @@ class ConvBoundMemory:
     def __getstate__(self) -> dict:
         return {"warm_start": self.warm_start, "_grids": {}}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.warm_start is None:  # pickled when None meant "on the CPU only"
+            self.warm_start = True
+
 
 def conv_spectral_upper_bound(
     weight: Tensor, spatial: tuple[int, int], memory: ConvBoundMemory | None = None

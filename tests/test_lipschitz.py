@@ -258,3 +258,7 @@ def test_a_bound_memory_is_not_pickled_and_can_be_turned_off():
     off = ConvBoundMemory(warm_start=False)
     conv_spectral_upper_bound(w, (6, 6), off)
     assert off.vectors(3, (8, 8), w.device) is None
+    assert not pickle.loads(pickle.dumps(off)).warm_start
+    older = ConvBoundMemory()
+    older.warm_start = None  # as pickled when None meant "on the CPU only": now on
+    assert pickle.loads(pickle.dumps(older)).warm_start is True
