@@ -49,6 +49,7 @@ from measure import (
     peak_cuda_rise_mib,
     peak_rss_rise_mib,
     return_freed_memory_to_the_os,
+    synchronizer,
 )
 
 from flowattn import invertible_attention
@@ -132,10 +133,7 @@ def time_kind(args, kind: str) -> tuple[dict[str, list[float]], KernelWork, dict
         sizes["paper backprop"] = log_det_size(paper, x.detach().requires_grad_(True))
     kernel = KernelWork()
     steps = {name: kernel.wrap(name, step) for name, step in steps.items()}
-    cuda = args.device.startswith("cuda")
-    times = interleaved_times(
-        steps, args.steps, warmup=args.warmup, sync=torch.cuda.synchronize if cuda else None
-    )
+    times = interleaved_times(steps, args.steps, warmup=args.warmup, sync=synchronizer(args.device))
     return times, kernel, sizes
 
 

@@ -42,6 +42,14 @@ def peak_rss_rise_mib(step: Callable[[], None]) -> float:
     return (proc_status_kib("VmHWM") - base) / 1024
 
 
+def synchronizer(device: str | object) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` for a CUDA device (to pass as ``interleaved_times``'
+    ``sync``, so queued work is counted in the call that queued it), else None."""
+    import torch
+
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else None
+
+
 def peak_cuda_rise_mib(step: Callable[[], None]) -> float:
     """The peak rise (MiB) of CUDA memory held by tensors during one call of ``step``,
     above what they held before it (the caching allocator counts live tensors exactly,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from baseline import import_baseline
-from measure import interleaved_times, median_ratio_ci
+from measure import interleaved_times, median_ratio_ci, synchronizer
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
@@ -50,22 +50,19 @@ PRESETS = ("iresnet", "iresnet-attn", "resflow", "glow", "glow-attn")
 SHARED = str(Path(__file__).resolve().parents[3] / "shared/data/cifar10/cifar10_subset.npz")
 
 
-def timed(call, reps: int) -> tuple[float, object]:
-    """Median seconds of ``reps`` calls, and the last call's result."""
+def timed(call, reps: int, sync=None) -> tuple[float, object]:
+    """Median seconds of ``reps`` calls, and the last call's result (``sync``: as
+    ``interleaved_times``')."""
     times, result = [], None
     for _ in range(reps):
-        _synchronize()
+        if sync is not None:
+            sync()
         start = time.perf_counter()
         result = call()
-        _synchronize()
+        if sync is not None:
+            sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
-
-
-def _synchronize() -> None:
-    """Waits for queued CUDA work, so that it is counted in the call that queued it."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -100,8 +97,9 @@ def main() -> None:
         model.eval()
         models[preset] = model
         torch.manual_seed(1)
-        sample_s, _ = timed(lambda m=model: m.sample(args.n), args.reps)
-        recon_s, x_hat = timed(lambda m=model: m.reconstruct(x_test), args.reps)
+        sync = synchronizer(args.device)
+        sample_s, _ = timed(lambda m=model: m.sample(args.n), args.reps, sync)
+        recon_s, x_hat = timed(lambda m=model: m.reconstruct(x_test), args.reps, sync)
         iterations = [step.last_inverse.iterations for _, step in model.residual_steps()]
         error = int((x_hat.int() - x_test.int()).abs().max())
         its = ",".join(map(str, iterations)) or "-"
@@ -158,15 +156,13 @@ def against_baseline(model, old, x_test, n: int, reps: int) -> tuple[str, str, s
 
         return call
 
-    reps = max(reps, 5)
+    reps, sync = max(reps, 5), synchronizer(model.device)
     times = interleaved_times(
-        {"this": sampler("this", model), "baseline": sampler("baseline", old)},
-        reps,
-        sync=_synchronize,
+        {"this": sampler("this", model), "baseline": sampler("baseline", old)}, reps, sync=sync
     )
     sample = ratio_text(times["baseline"], times["this"])
     calls = {"this": lambda: model.reconstruct(x_test), "baseline": lambda: old.reconstruct(x_test)}
-    times = interleaved_times(calls, reps, sync=_synchronize)
+    times = interleaved_times(calls, reps, sync=sync)
     recon = ratio_text(times["baseline"], times["this"])
     iterations = [step.last_inverse.iterations for _, step in old.residual_steps()]
     return sample, recon, ",".join(map(str, iterations)) or "-"
@@ -180,7 +176,7 @@ def interleaved(model, n: int, reps: int) -> tuple[list[float], list[float]]:
         "without": lambda: model.sample(n),
     }
     with torch.no_grad():
-        times = interleaved_times(calls, max(reps, 5), warmup=1, sync=_synchronize)
+        times = interleaved_times(calls, max(reps, 5), warmup=1, sync=synchronizer(model.device))
     return times["with"], times["without"]
 
 

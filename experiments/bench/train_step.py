@@ -52,6 +52,7 @@ from measure import (
     peak_cuda_rise_mib,
     peak_rss_rise_mib,
     return_freed_memory_to_the_os,
+    synchronizer,
 )
 
 from flowattn.models import build_model
@@ -160,8 +161,7 @@ def steppers(setting: str, args) -> dict:
 
 def time_setting(setting: str, args) -> dict:
     steps, sizes = steppers(setting, args)
-    sync = torch.cuda.synchronize if args.device.type == "cuda" else None
-    times = interleaved_times(steps, args.reps, warmup=args.warmup, sync=sync)
+    times = interleaved_times(steps, args.reps, warmup=args.warmup, sync=synchronizer(args.device))
     return {"times": times, "sizes": sizes}
 
 
