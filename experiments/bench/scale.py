@@ -16,9 +16,14 @@ resident-set rise, each in a fresh process).
 A kind whose step exceeds ``--budget`` seconds is not run at larger sizes (printed as
 "over budget"): that is where it stops being practical on this machine.
 
+With ``--device cuda`` the models run on the GPU, each step is timed to a
+synchronisation, and peak memory is the rise of the memory that tensors hold on the
+device, in this process.
+
 Usage:
     python experiments/bench/scale.py
     python experiments/bench/scale.py --sizes 16 32 64 --kinds external dot --threads 1
+    python experiments/bench/scale.py --device cuda --sizes 16 32 64 128
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ import sys
 import time
 
 import torch
-from measure import peak_rss_rise_mib, return_freed_memory_to_the_os
+from measure import (
+    peak_cuda_rise_mib,
+    peak_rss_rise_mib,
+    return_freed_memory_to_the_os,
+    synchronizer,
+)
 
 from flowattn.models import build_model
 from flowattn.training import Trainer
@@ -49,18 +59,28 @@ def build(kind: str, size: int, hidden: int, estimator: str):
 
 def trainer_for(kind: str, size: int, args) -> Trainer:
     images = torch.randint(0, 256, (4 * args.batch, 3, size, size), dtype=torch.uint8)
-    model = build(kind, size, args.hidden, args.estimator)
+    model = build(kind, size, args.hidden, args.estimator).to(args.device)
     return Trainer(model, images, batch_size=args.batch, lr=1e-3, warmup=1)
 
 
 def step_seconds(trainer: Trainer) -> float:
+    sync = synchronizer(trainer.model.device)
+    if sync is not None:
+        sync()
     start = time.perf_counter()
     trainer.train_step()
+    if sync is not None:
+        sync()
     return time.perf_counter() - start
 
 
 def memory_of(kind: str, size: int, args) -> float:
-    """Peak resident-set rise (MiB) of one step, in a fresh process."""
+    """Peak memory rise (MiB) of one step: on the CPU the resident set's, in a fresh
+    process; on CUDA the tensors', in this one."""
+    if args.device.type == "cuda":
+        trainer = trainer_for(kind, size, args)
+        trainer.train_step()  # warm-up (ActNorm initialisation, allocator)
+        return peak_cuda_rise_mib(trainer.train_step)
     command = [sys.executable, __file__, "--memory-of", kind, str(size)]
     command += ["--batch", str(args.batch), "--hidden", str(args.hidden)]
     command += ["--threads", str(args.threads), "--estimator", args.estimator]
@@ -78,6 +98,7 @@ def main() -> None:
     parser.add_argument("--estimator", default="series", choices=["series", "roulette"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per step")
+    parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
     parser.add_argument("--memory-of", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,7 +113,8 @@ def main() -> None:
     print(
         f"iresnet-attn step vs image size: batch {args.batch}, 2 scales x 2 blocks, "
         f"{args.hidden} hidden channels, {args.estimator} log-det, {args.threads} thread(s), "
-        f"median of {args.reps} steps after one warm-up; torch {torch.__version__}"
+        f"{args.device}, median of {args.reps} steps after one warm-up; "
+        f"torch {torch.__version__}"
     )
     header = f"{'size':>5} {'N':>5} {'kind':<18} {'s/step':>8} {'attention share':>16} "
     print(header + f"{'growth in N':>12} {'peak MiB':>9}")
