@@ -37,9 +37,6 @@ def ieee_float32() -> Iterator[None]:
     """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.allow_tf32, matmul.allow_tf32
-    if not any(before):
-        yield
-        return
     cudnn.allow_tf32 = matmul.allow_tf32 = False
     try:
         yield
