@@ -74,6 +74,21 @@ def median_ratio_ci(
     return statistics.median(ratios), boot[int(0.025 * draws)], boot[int(0.975 * draws) - 1]
 
 
+def seconds_of(
+    call: Callable[[], object], sync: Callable[[], None] | None = None
+) -> tuple[float, object]:
+    """Wall-clock seconds of one call and its result; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before and after, so asynchronous work is counted
+    in the call that queued it."""
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    result = call()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start, result
+
+
 def interleaved_times(
     steps: dict[str, Callable[[], object]],
     reps: int,
@@ -83,8 +98,7 @@ def interleaved_times(
 ) -> dict[str, list[float]]:
     """Seconds of ``reps`` calls of each step, interleaved call by call in this process
     (the order reversed every other round, so neither always runs first), after
-    ``warmup`` untimed rounds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each
-    clock reading, so asynchronous work is counted in its own step."""
+    ``warmup`` untimed rounds. ``sync``: as :func:`seconds_of`'s."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -92,13 +106,7 @@ def interleaved_times(
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
-            if sync is not None:
-                sync()
-            start = time.perf_counter()
-            steps[name]()
-            if sync is not None:
-                sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(seconds_of(steps[name], sync)[0])
     return times
 
 

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from importlib import import_module
 from pathlib import Path
 
 import torch
 from baseline import import_baseline
-from measure import interleaved_times, median_ratio_ci, synchronizer
+from measure import interleaved_times, median_ratio_ci, seconds_of, synchronizer
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
@@ -52,16 +51,11 @@ SHARED = str(Path(__file__).resolve().parents[3] / "shared/data/cifar10/cifar10_
 
 def timed(call, reps: int, sync=None) -> tuple[float, object]:
     """Median seconds of ``reps`` calls, and the last call's result (``sync``: as
-    ``interleaved_times``')."""
+    ``measure.seconds_of``'s)."""
     times, result = [], None
     for _ in range(reps):
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        result = call()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - start)
+        seconds, result = seconds_of(call, sync)
+        times.append(seconds)
     return statistics.median(times), result
 
 

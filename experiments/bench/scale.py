@@ -33,13 +33,13 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 from measure import (
     peak_cuda_rise_mib,
     peak_rss_rise_mib,
     return_freed_memory_to_the_os,
+    seconds_of,
     synchronizer,
 )
 
@@ -64,14 +64,7 @@ def trainer_for(kind: str, size: int, args) -> Trainer:
 
 
 def step_seconds(trainer: Trainer) -> float:
-    sync = synchronizer(trainer.model.device)
-    if sync is not None:
-        sync()
-    start = time.perf_counter()
-    trainer.train_step()
-    if sync is not None:
-        sync()
-    return time.perf_counter() - start
+    return seconds_of(trainer.train_step, synchronizer(trainer.model.device))[0]
 
 
 def memory_of(kind: str, size: int, args) -> float:
