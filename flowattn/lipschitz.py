@@ -256,7 +256,7 @@ class ConvBoundMemory:
             which frequencies to eigensolve reads a few values back to the host, which
             waits for the GPU's queue there; it still pays on CUDA, where eigensolving
             every frequency is the slow part: on an H100, a training step of 36
-            convolutions took 0.83 of the time and a quarter of the peak memory.
+            convolutions took 0.83-0.94 of the time and a quarter of the peak memory.
 
     Examples:
         >>> memory = ConvBoundMemory()
