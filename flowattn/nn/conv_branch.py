@@ -91,6 +91,19 @@ def _activation(name: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
+def _pointwise(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The 1x1 convolution of h (B, C, H, W) by weight (C', C) with bias (C',) or None,
+    as one matrix product per image, (C', C) @ (C, H W), the bias added in place: the
+    same map as ``F.conv2d`` to float rounding, several times faster on a CPU at a
+    residual branch's channel counts. For calls without autograd only: with autograd
+    a training step took longer this way (also with a hand-written backward of matrix
+    products), so ``F.conv2d`` is kept there."""
+    out = torch.matmul(weight, h.flatten(2))
+    if bias is not None:
+        out.add_(bias[:, None])
+    return out.view(h.shape[0], -1, *h.shape[2:])
+
+
 class ConvResidualBranch(nn.Module):
     r"""i-ResNet / Residual Flows branch g: (B, C, H, W) -> (B, C, H, W), certified in l2.
 
@@ -220,7 +233,10 @@ class ConvResidualBranch(nn.Module):
                 h = F.elu(h, inplace=True)
             else:
                 h = act(h)
-            h = F.conv2d(h, weight, bias, padding=conv.padding)
+            if not grad and conv.kernel_size == (1, 1):
+                h = _pointwise(h, weight[:, :, 0, 0], bias)
+            else:
+                h = F.conv2d(h, weight, bias, padding=conv.padding)
         return h
 
     @contextlib.contextmanager
