@@ -231,13 +231,17 @@ def _series_like_gradients(g, params, x: torch.Tensor) -> list[torch.Tensor]:
     return torch.autograd.grad(loss, [x, *params])
 
 
+@pytest.mark.parametrize("kernel_size", [3, 1])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_the_branch_is_its_layers_composed(activation, device):
-    """g is its layers composed as written (with LipSwish, which the branch runs as SiLU
-    with the slopes and the division folded into the convolutions), with and without
-    autograd; so are its first and second derivatives with respect to the input and
-    every parameter (the slopes' included)."""
-    g = ConvResidualBranch(3, hidden=5, coeff=0.9, activation=activation).double()
+def test_the_branch_is_its_layers_composed(activation, kernel_size, device):
+    """g is its layers composed as written with ``F.conv2d`` (with LipSwish, which the
+    branch runs as SiLU with the slopes and the division folded into the convolutions,
+    and with its 1x1 convolutions run as matrix products), with and without autograd;
+    so are its first and second derivatives with respect to the input and every
+    parameter (the slopes' included). Outer kernels of size 1 make all three 1x1."""
+    g = ConvResidualBranch(
+        3, hidden=5, coeff=0.9, activation=activation, kernel_size=kernel_size
+    ).double()
     stress_weights(g, 3.0)
     with torch.no_grad():
         for act in g.acts:

@@ -92,16 +92,19 @@ def _activation(name: str, channels: int) -> nn.Module:
 
 
 def _pointwise(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """The 1x1 convolution of h (B, C, H, W) by weight (C', C) with bias (C',) or None,
-    as one matrix product per image, (C', C) @ (C, H W), the bias added in place: the
-    same map as ``F.conv2d`` to float rounding, several times faster on a CPU at a
-    residual branch's channel counts. For calls without autograd only: with autograd
-    a training step took longer this way (also with a hand-written backward of matrix
-    products), so ``F.conv2d`` is kept there."""
-    out = torch.matmul(weight, h.flatten(2))
-    if bias is not None:
-        out.add_(bias[:, None])
-    return out.view(h.shape[0], -1, *h.shape[2:])
+    """The 1x1 convolution of h (B, C, H, W) by weight (C', C) and bias (C',) or None,
+    as one matrix product per image: (C', C) @ (C, H W) gives (B, C', H W).
+
+    The same map as ``F.conv2d`` to float rounding, and faster on a CPU at a residual
+    branch's channel counts, with autograd too. The result is a tensor of its own, so
+    the activation after it runs in place; a view of it as (B, C', H, W) would not
+    allow that under autograd.
+    """
+    flat = h.flatten(2)
+    weight = weight.expand(h.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, flat)
+    return torch.baddbmm(bias[:, None].expand(h.shape[0], -1, flat.shape[2]), weight, flat)
 
 
 class ConvResidualBranch(nn.Module):
@@ -233,11 +236,12 @@ class ConvResidualBranch(nn.Module):
                 h = F.elu(h, inplace=True)
             else:
                 h = act(h)
-            if not grad and conv.kernel_size == (1, 1):
-                h = _pointwise(h, weight[:, :, 0, 0], bias)
+            h = h.view(x.shape[0], -1, *spatial)
+            if conv.kernel_size == (1, 1):
+                h = _pointwise(h, weight[:, :, 0, 0], bias)  # (B, C', H W), not a view
             else:
                 h = F.conv2d(h, weight, bias, padding=conv.padding)
-        return h
+        return h if h.dim() == 4 else h.view(x.shape)  # 1x1 outer convolutions
 
     @contextlib.contextmanager
     def certified_once(self, spatial: tuple[int, int]) -> Iterator[None]:
