@@ -251,6 +251,8 @@ def test_the_branch_is_its_layers_composed(activation, kernel_size, device):
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, device=device)
     h = _composed(g, x)
     torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)
+    strided = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    torch.testing.assert_close(g(strided), h, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(g(x), h, rtol=1e-12, atol=1e-12)
     params = list(g.parameters())

@@ -238,7 +238,8 @@ class ConvResidualBranch(nn.Module):
                 h = F.elu(h, inplace=True)
             else:
                 h = act(h)
-            h = h.view(x.shape[0], -1, *spatial)
+            if h.dim() == 3:  # the 1x1 convolution's (B, C', H W), as an image
+                h = h.view(x.shape[0], -1, *spatial)
             if conv.kernel_size == (1, 1):
                 h = _pointwise(h, weight[:, :, 0, 0], bias)  # (B, C', H W), not a view
             else:
