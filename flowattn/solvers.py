@@ -266,7 +266,9 @@ class _AndersonHistory:
         if self.xs is not None:
             self.xs[:, slot] = x
         gaps = self.gaps
-        row = torch.linalg.vecdot(gaps[:, :n], gaps[:, slot, None]).double()  # (B, n)
+        # (1, d) @ (d, n) per row: as a matrix product over the transposed history this
+        # is about twice as fast on CPU as vecdot's (B, n, d) product and sum
+        row = torch.matmul(gaps[:, slot, None], gaps[:, :n].transpose(1, 2))[:, 0].double()
         self.gram[:, slot, :n] = row
         self.gram[:, :n, slot] = row
         if n == 1:

@@ -155,3 +155,25 @@ def test_a_row_done_early_keeps_its_first_converged_iterate(solver):
     assert torch.equal(result.solution[0], y[0])  # x0 = y, not y / 1.5
     alone = solve_fixed_point(_CountingRows(), y[:1], solver=solver)
     assert alone.iterations == 1 and torch.equal(alone.solution[0], y[0])
+
+
+@pytest.mark.parametrize("memory", [3, 5])
+def test_the_anderson_gram_matrix_is_the_gaps_inner_products(memory):
+    """The Gram matrix the history updates one row per iteration is that of its stored
+    gaps, before the history is full, after it wraps around, and after rows are
+    dropped."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, dtype=torch.float64)
+    history = solvers._AndersonHistory(x, memory, beta=1.0, lam=1e-10)
+    matrix = torch.randn(40, 40, dtype=torch.float64) / 40
+    for it in range(1, 2 * memory + 2):
+        fx = 1.0 - torch.tanh(x @ matrix)
+        history.gap(fx, x, it)
+        if it == memory + 1:
+            history.keep(torch.tensor([True, False, True, True, False, True]))
+            x, fx = x[[0, 2, 3, 5]], fx[[0, 2, 3, 5]]
+        x = history.next(x, fx, it)
+        n = min(it, memory)
+        gaps = history.gaps[:, :n]
+        expected = gaps @ gaps.transpose(1, 2)
+        torch.testing.assert_close(history.gram[:, :n, :n], expected)
