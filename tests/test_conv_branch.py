@@ -96,16 +96,37 @@ def test_residual_step_logdet_and_inverse(activation):
     assert (x_back - x).abs().max() < 1e-10
 
 
-def test_cached_weights_follow_in_place_updates():
-    g = ConvResidualBranch(2, hidden=4)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_cached_weights_follow_in_place_updates(activation):
+    """Without autograd a call reuses what the one before applied (weights, and the
+    first LipSwish's slope) until a parameter changes in place; with autograd it
+    computes its own, and both agree."""
+    g = ConvResidualBranch(2, hidden=4, activation=activation)
     x = torch.randn(1, 2, 4, 4)
     with torch.no_grad():
         before = g(x)
-        g.convs[0].weight.add_(1.0)  # bumps the version counter
-        after = g(x)
-        assert not torch.equal(before, after)
-        assert torch.equal(after, g(x))
+        for parameter in (g.convs[0].weight, *g.acts[0].parameters()):
+            parameter.add_(1.0)  # bumps the version counter
+            after = g(x)
+            assert not torch.equal(before, after)
+            assert torch.equal(after, g(x))
+            before = after
     assert torch.allclose(g(x), after)  # grad-enabled path agrees with the cache
+
+
+def test_a_cached_call_computes_no_slope(monkeypatch):
+    """A call that hits the cache computes nothing of the parameters again: no
+    LipSwish slope (the first one scales the input, the others are folded)."""
+    g = ConvResidualBranch(2, hidden=4, activation="lipswish")
+    x = torch.randn(1, 2, 4, 4)
+    calls = []
+    slope = LipSwish.slope
+    monkeypatch.setattr(LipSwish, "slope", lambda act: calls.append(act) or slope(act))
+    with torch.no_grad():
+        g(x)
+        assert len(calls) == 3  # every activation's, once
+        g(x)
+    assert len(calls) == 3
 
 
 def test_pickle_and_errors():

@@ -35,6 +35,7 @@ __all__ = ["ACTIVATIONS", "ConvResidualBranch", "LipSwish"]
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,14 @@ def _pointwise(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.baddbmm(bias[:, None].expand(h.shape[0], -1, flat.shape[2]), weight, flat)
 
 
+class _Applied(NamedTuple):
+    """What a branch call applies: each convolution's (weight, bias), and the slope
+    (1, C, 1, 1) that scales the input (LipSwish) or None."""
+
+    layers: list[tuple[Tensor, Tensor | None]]
+    input_slope: Tensor | None
+
+
 class ConvResidualBranch(nn.Module):
     r"""i-ResNet / Residual Flows branch g: (B, C, H, W) -> (B, C, H, W), certified in l2.
 
@@ -161,7 +170,7 @@ class ConvResidualBranch(nn.Module):
         self.acts = nn.ModuleList([_activation(activation, c) for c in (channels, hidden, hidden)])
         # the 3x3 certificates' state between calls (it makes them cheaper, not different)
         self._bound_memory = [ConvBoundMemory() for _ in self.convs]
-        self._cache: tuple[tuple, list[tuple[Tensor, Tensor | None]]] | None = None
+        self._cache: tuple[tuple, _Applied] | None = None
         self._fixed: tuple[tuple[int, int], list[Tensor]] | None = None  # (size, scales)
 
     def _norms(self, spatial: tuple[int, int]) -> list[Tensor]:
@@ -178,22 +187,26 @@ class ConvResidualBranch(nn.Module):
         target = self.coeff ** (1 / 3) * (1 - 1e-5)
         return [torch.clamp(target / n.clamp_min(1e-12), max=1.0) for n in norms]
 
-    def _rescaled(
-        self, spatial: tuple[int, int], scales: list[Tensor] | None = None
-    ) -> list[tuple[Tensor, Tensor | None]]:
-        """Each convolution's (weight, bias) as applied: the weight times its certified
-        scale factor, and with LipSwish the activations' slopes folded in (below)."""
+    def _rescaled(self, spatial: tuple[int, int], scales: list[Tensor] | None = None) -> _Applied:
+        """What a call applies: each convolution's (weight, bias), the weight times its
+        certified scale factor, and with LipSwish the activations' slopes folded in
+        (below) and the first one's slope, which scales the input."""
         scales = self._scales(self._norms(spatial)) if scales is None else scales
         weights = [c.weight * s for c, s in zip(self.convs, scales, strict=True)]
         biases = [c.bias for c in self.convs]
+        input_slope = None
         if self.activation == "lipswish":
-            weights, biases = self._slopes_folded(weights, biases)
-        return list(zip(weights, biases, strict=True))
+            slopes = [act.slope() for act in self.acts]
+            weights, biases = self._slopes_folded(weights, biases, slopes)
+            input_slope = slopes[0].reshape(1, -1, 1, 1)
+        return _Applied(list(zip(weights, biases, strict=True)), input_slope)
 
+    @staticmethod
     def _slopes_folded(
-        self, weights: list[Tensor], biases: list[Tensor | None]
+        weights: list[Tensor], biases: list[Tensor | None], slopes: list[Tensor]
     ) -> tuple[list[Tensor], list[Tensor | None]]:
-        r"""The weights and biases under which LipSwish is SiLU.
+        r"""The weights and biases under which LipSwish is SiLU, given each LipSwish's
+        slopes :math:`\beta` (C,) in ``slopes``, in order.
 
         LipSwish's :math:`x \sigma(\beta x) / 1.1` is
         :math:`\mathrm{silu}(\beta x) / (1.1 \beta)`: each convolution takes the
@@ -203,7 +216,7 @@ class ConvResidualBranch(nn.Module):
         :meth:`forward` multiplies the input by its slope.) The same function, with one
         tensor fewer saved for backward and a single fused pass per activation.
         """
-        slopes = [act.slope() for act in self.acts] + [None]
+        slopes = [*slopes, None]
         folded_weights, folded_biases = [], []
         for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
             weight = weight / (LipSwish.divisor * slopes[i]).reshape(1, -1, 1, 1)
@@ -222,12 +235,13 @@ class ConvResidualBranch(nn.Module):
             )
         spatial = (x.shape[-2], x.shape[-1])
         grad = torch.is_grad_enabled()
+        applied = self._weights(spatial)
         h = x
-        if self.activation == "lipswish":
+        if applied.input_slope is not None:
             # LipSwish as SiLU: the first slope applied here, the others folded into the
             # convolutions before them (_slopes_folded)
-            h = x * self.acts[0].slope().reshape(1, -1, 1, 1)
-        layers = zip(self.acts, self.convs, self._weights(spatial), strict=True)
+            h = x * applied.input_slope
+        layers = zip(self.acts, self.convs, applied.layers, strict=True)
         for i, (act, conv, (weight, bias)) in enumerate(layers):
             if isinstance(act, LipSwish):
                 # SiLU's backward reads its input; without autograd, in place
@@ -265,11 +279,12 @@ class ConvResidualBranch(nn.Module):
         finally:
             self._fixed = None
 
-    def _weights(self, spatial: tuple[int, int]) -> list[tuple[Tensor, Tensor | None]]:
+    def _weights(self, spatial: tuple[int, int]) -> _Applied:
         if self._fixed is not None and self._fixed[0] == spatial:
             return self._rescaled(spatial, self._fixed[1])
-        # Without autograd (fixed-point inverse, evaluation) the rescaled weights are
-        # reused until a parameter changes in place (an optimiser step bumps _version).
+        # Without autograd (fixed-point inverse, evaluation) the rescaled weights and the
+        # input's slope are reused until a parameter changes in place (an optimiser step
+        # bumps _version).
         if torch.is_grad_enabled():
             self._cache = None
             return self._rescaled(spatial)
