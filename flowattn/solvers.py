@@ -14,9 +14,12 @@ with the relative part measured against the larger of the output y and the itera
 so that no element is asked for more precision than x's own floating-point spacing).
 Each sample (a row of the batch) is solved at the first iterate where all its elements
 meet their tolerance; once at least half the rows are, they are dropped from the batch
-and not evaluated again. The map must therefore act on each row independently, as a
-flow's residual branch does. The result records the iterations used (by the slowest
-row) and the residual reached; callers decide whether to warn or raise.
+and not evaluated again. A row whose gap :math:`T(x) - x` is not finite (a NaN or an
+overflow in the map) is given up at once: it is returned as it is, the solve reports
+failure, and the other rows go on as if it were not there. The map must therefore act
+on each row independently, as a flow's residual branch does. The result records the
+iterations used (by the slowest row) and the residual reached; callers decide whether
+to warn or raise.
 
 References:
     | Invertible Residual Networks (Behrmann et al., 2019)
@@ -48,7 +51,8 @@ class FixedPointResult:
         solution: Each row's returned iterate, shape of the input.
         iterations: Number of evaluations of the map on the slowest row.
         residual: :math:`|T(x) - x|` at the deciding element: the largest one when
-            converged, else the one furthest over its tolerance.
+            converged, else the one furthest over its tolerance (NaN or infinite when a
+            row was given up because its gap was not finite).
         tolerance: The allowed residual ``atol + rtol * max(|x|, |y|)`` at that element.
         converged: Whether every element met its tolerance.
     """
@@ -97,8 +101,12 @@ class _Tolerance:
 
     @classmethod
     def of(cls, y: Tensor, atol: float, rtol: float) -> _Tolerance:
-        """The tolerance of outputs y (rows, d)."""
-        return cls(y.abs().mul_(rtol).add_(atol), _abs_max(y), atol, rtol)
+        """The tolerance of outputs y (rows, d). Its largest |y| (which sets the rounding
+        floor) is taken over the finite elements: rows with others are given up."""
+        y_max = _abs_max(y)
+        if not math.isfinite(y_max):
+            y_max = _abs_max(torch.where(torch.isfinite(y), y, 0.0))
+        return cls(y.abs().mul_(rtol).add_(atol), y_max, atol, rtol)
 
     def rows(self, keep: Tensor) -> _Tolerance:
         """The tolerance of the rows selected by the boolean mask ``keep``."""
@@ -137,14 +145,14 @@ class _Tolerance:
 
 
 class _Progress:
-    """What a solve has reached so far. Rows (samples) that meet their tolerance are
-    written to the solution, and are dropped from the solve once at least half the rows
-    have (until then they ride along: dropping copies every row's state, which costs more
-    than a few evaluations of rows that are done); for the rows still going it keeps their
-    best iterate and whether their largest residual has stopped shrinking at rounding
-    level. :meth:`update` ends the solve (every row converged, or the rest stalled),
-    returns the rows to keep (and the iterate and value compacted to them) when some are
-    dropped, or returns nothing new."""
+    """What a solve has reached so far. Rows (samples) that meet their tolerance, or whose
+    gap is not finite (given up), are written to the solution, and are dropped from the
+    solve once at least half the rows are done (until then they ride along: dropping
+    copies every row's state, which costs more than a few evaluations of rows that are
+    done); for the rows still going it keeps their best iterate and whether their largest
+    residual has stopped shrinking at rounding level. :meth:`update` ends the solve (every
+    row done, or the rest stalled), returns the rows to keep (and the iterate and value
+    compacted to them) when some are dropped, or returns nothing new."""
 
     def __init__(self, tolerance: _Tolerance, max_iter: int, x: Tensor):
         self.tolerance, self.max_iter = tolerance, max_iter
@@ -153,6 +161,7 @@ class _Progress:
         self.active = torch.arange(x.shape[0], device=x.device)  # batch index of each row
         self.done: Tensor | None = None  # rows written to the solution, not yet dropped
         self.finished: tuple[float, float] = (0.0, 0.0)  # the largest reported gap so far
+        self.given_up: tuple[float, float] | None = None  # (gap, tolerance) of a lost row
         self.best: tuple[Tensor, Tensor, float] | None = None  # (iterate, its value, residual)
         self.least = math.inf  # the smallest residual that was a 0.1% gain
         self.since = 0  # iterations since that gain
@@ -171,22 +180,26 @@ class _Progress:
                 converged = converged & ~self.done
             if bool(converged.any()):
                 self._finish(converged, x, gap, residuals)
-                self.done = converged if self.done is None else self.done | converged
+                self._mark_done(converged)
+        if self.done is not None:
+            residuals = residuals.masked_fill(self.done, 0.0)
+        residual = float(residuals.max())  # finite unless some row's gap is not
+        lost = not math.isfinite(residual)
+        if lost:  # those rows are given up, and dropped at once
+            self._give_up(~torch.isfinite(residuals), x, gap)
+            residual = float(residuals.masked_fill(self.done, 0.0).max())
         keep = None
         if self.done is not None:
             finished = int(self.done.sum())
             if finished == len(self.done):
                 return self._result(it, self.finished, True)
-            if 2 * finished >= len(self.done):
+            if lost or 2 * finished >= len(self.done):
                 keep, self.done = ~self.done, None
                 self.tolerance = self.tolerance.rows(keep)
                 self.active = self.active[keep]
-                x, fx, residuals = x[keep], fx[keep], residuals[keep]
+                x, fx = x[keep], fx[keep]
                 if self.best is not None:
                     self.best = (self.best[0][keep], self.best[1][keep], self.best[2])
-            else:
-                residuals = residuals.masked_fill(self.done, 0.0)
-        residual = float(residuals.max())
         if self.best is None or residual < self.best[2]:
             self.best = (x, fx, residual)
         if residual < self.least * (1 - 1e-3):
@@ -217,7 +230,24 @@ class _Progress:
         if report[0] >= self.finished[0]:
             self.finished = report
 
+    def _mark_done(self, rows: Tensor) -> None:
+        self.done = rows if self.done is None else self.done | rows
+
+    def _give_up(self, lost: Tensor, x: Tensor, gap: Tensor) -> None:
+        """Writes the rows selected by ``lost`` (not done, with a gap that is not finite)
+        to the solution as they are, and keeps the first such row's report."""
+        self.solution[self.active[lost]] = x[lost]
+        if self.given_up is None:
+            row = int(torch.argmax(lost.to(torch.uint8)))
+            element = int(torch.argmax((~torch.isfinite(gap[row])).to(torch.uint8)))
+            allowed = self.tolerance.allowed_y[row, element]
+            self.given_up = (float(gap[row, element]), float(allowed))
+        self._mark_done(lost)
+
     def _result(self, it: int, report: tuple[float, float], converged: bool) -> FixedPointResult:
+        """The result, which reports failure if a row was given up."""
+        if self.given_up is not None:
+            report, converged = self.given_up, False
         return FixedPointResult(self.solution, it, *report, converged)
 
     def out_of_iterations(self) -> FixedPointResult:
@@ -280,14 +310,16 @@ class _AndersonHistory:
         ones = torch.ones(b, n, 1, dtype=torch.float64, device=x.device)
         sol, info = torch.linalg.solve_ex(h, ones)
         alpha = sol / sol.sum(dim=1, keepdim=True)  # (B, n, 1)
-        if bool((info != 0).any()) or not torch.isfinite(alpha.sum()):
-            return fx  # degenerate history: fall back to a plain step
         weights = alpha.to(x.dtype).transpose(1, 2)  # (B, 1, n)
         mixed = (weights @ self.fs[:, :n])[:, 0]
         if self.xs is not None:
             mixed = self.beta * mixed + (1 - self.beta) * (weights @ self.xs[:, :n])[:, 0]
-        if not torch.isfinite(mixed.sum()):  # a sum is finite only if every term is
-            return fx
+        # A row whose least-squares problem failed or whose mix is not finite (a sum is
+        # finite only if every term is; non-finite weights make it so) takes a plain
+        # step; the other rows keep their mix.
+        degenerate = (info != 0) | ~torch.isfinite(mixed.sum(dim=1))
+        if bool(degenerate.any()):
+            mixed[degenerate] = fx[degenerate]
         return mixed
 
 
@@ -327,7 +359,8 @@ def solve_fixed_point(
 
     Returns:
         A :class:`FixedPointResult`: each row's solution is its first iterate within
-        tolerance (or, for rows that never got there, its best one).
+        tolerance (or, for rows that never got there, its best one; for a row given
+        up, its iterate when its gap was not finite).
 
     Examples:
         >>> y = torch.ones(2, 3)

@@ -112,6 +112,22 @@ def test_non_convergence_warns_with_the_residual():
     assert not step.last_inverse.converged
 
 
+def test_a_sample_that_is_not_finite_is_given_up_alone():
+    """A NaN sample in a batch: the inverse warns that it was given up, returns it as it
+    was, and inverts the others as it would without it."""
+    torch.manual_seed(0)
+    step = ResidualTransform(ConvResidualBranch(3, hidden=8, coeff=0.9)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        y, _ = step.forward(x)
+    y[1, 2, 3, 3] = float("nan")
+    with pytest.warns(ConvergenceWarning, match="given up"):
+        x_back, _ = step.inverse(y)
+    assert not step.last_inverse.converged
+    torch.testing.assert_close(x_back[1], y[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x_back[[0, 2, 3]], x[[0, 2, 3]], rtol=1e-5, atol=1e-5)
+
+
 def test_non_convergence_raises_in_strict_mode():
     step = ResidualTransform(_Expanding(), max_iter=5, strict=True, solver="banach")
     with pytest.raises(ConvergenceError, match="residual"):

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -133,16 +135,37 @@ def test_rows_leave_the_solve_as_they_converge(solver):
         torch.testing.assert_close(result.solution[i], alone.solution[0], rtol=0, atol=0)
 
 
+class _Symmetric:
+    """g(x) = A x for a symmetric A with eigenvalues spread over [-0.95, 0.95]: plain
+    steps need hundreds of iterations, Anderson far fewer."""
+
+    def __init__(self, d: int = 50):
+        generator = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+        self.matrix = q @ torch.diag(torch.linspace(-0.95, 0.95, d, dtype=torch.float64)) @ q.T
+
+    def __call__(self, x):
+        return x @ self.matrix.T
+
+
 @pytest.mark.parametrize("solver", ["banach", "anderson"])
-def test_a_row_that_cannot_converge_does_not_hold_the_others(solver):
-    """A NaN row never counts as converged and the solve reports failure, but the other
-    rows are solved and stop being evaluated."""
-    y = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [-3.0, 0.5]], dtype=torch.float64)
-    g = _CountingRows()
-    result = solve_fixed_point(g, y, solver=solver, max_iter=200)
-    assert not result.converged and result.iterations == 200
-    assert g.rows[-1] == 1
-    torch.testing.assert_close(result.solution[[0, 2]], y[[0, 2]] / 1.5)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_row_that_cannot_converge_does_not_hold_the_others(solver, bad):
+    """A row whose gap is not finite is given up at once: the solve reports failure with
+    that gap, the row is returned as it was, and the other rows are solved in as many
+    iterations, to the same values, as without it (Anderson mixes each row on its own:
+    one row's degenerate history does not turn the others to plain steps)."""
+    g = _Symmetric()
+    y = torch.randn(5, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    clean = solve_fixed_point(g, y[1:], solver=solver, max_iter=1000)
+    y[0, 3] = bad
+    result = solve_fixed_point(g, y, solver=solver, max_iter=1000)
+    assert clean.converged and not result.converged
+    assert result.iterations == clean.iterations
+    assert not math.isfinite(result.residual) and math.isfinite(result.tolerance)
+    torch.testing.assert_close(result.solution[1:], clean.solution, rtol=0, atol=1e-13)
+    # given up at the first iterate, x0 = y
+    torch.testing.assert_close(result.solution[0], y[0], rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("solver", ["banach", "anderson"])
@@ -177,3 +200,28 @@ def test_the_anderson_gram_matrix_is_the_gaps_inner_products(memory):
         gaps = history.gaps[:, :n]
         expected = gaps @ gaps.transpose(1, 2)
         torch.testing.assert_close(history.gram[:, :n, :n], expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_degenerate_anderson_row_takes_a_plain_step_alone(bad):
+    """A row whose least-squares weights or mix are not finite takes the plain step
+    ``fx``; the other rows get the same mix as in a history without that row."""
+    torch.manual_seed(0)
+    matrix = torch.randn(30, 30, dtype=torch.float64) / 30
+    x = torch.randn(4, 30, dtype=torch.float64)
+    histories = {
+        "all": (solvers._AndersonHistory(x, 5, beta=1.0, lam=1e-10), x),
+        "others": (solvers._AndersonHistory(x[1:], 5, beta=1.0, lam=1e-10), x[1:]),
+    }
+    for it in range(1, 5):
+        steps = {}
+        for name, (history, xs) in histories.items():
+            fx = 1.0 - torch.tanh(xs @ matrix)
+            if name == "all" and it == 4:
+                fx[0, 7] = bad
+            history.gap(fx, xs, it)
+            steps[name] = (history.next(xs, fx, it), fx)
+        histories = {name: (histories[name][0], steps[name][0]) for name in histories}
+    (mixed, fx), (others, _) = steps["all"], steps["others"]
+    torch.testing.assert_close(mixed[0], fx[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(mixed[1:], others, rtol=0, atol=1e-14)

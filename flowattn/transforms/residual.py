@@ -165,6 +165,11 @@ class ResidualTransform(Transform):
                 f"fixed-point inverse ({self.solver}) did not converge in {result.iterations} "
                 f"iterations: residual {result.residual:.3g} > tolerance {result.tolerance:.3g}"
             )
+            if not math.isfinite(result.residual):
+                message += (
+                    " (a sample's residual was not finite: it was given up and is returned "
+                    "as it was; the other samples were solved without it)"
+                )
             if self.strict:
                 raise ConvergenceError(message)
             warnings.warn(message, ConvergenceWarning, stacklevel=3)  # inverse's caller
