@@ -240,8 +240,10 @@ class _Progress:
         if self.given_up is None:
             row = int(torch.argmax(lost.to(torch.uint8)))
             element = int(torch.argmax((~torch.isfinite(gap[row])).to(torch.uint8)))
-            allowed = self.tolerance.allowed_y[row, element]
-            self.given_up = (float(gap[row, element]), float(allowed))
+            allowed = float(self.tolerance.allowed_y[row, element])  # y's part of it
+            if not math.isfinite(allowed):  # y is not finite there: the absolute part
+                allowed = self.tolerance.atol
+            self.given_up = (float(gap[row, element]), allowed)
         self._mark_done(lost)
 
     def _result(self, it: int, report: tuple[float, float], converged: bool) -> FixedPointResult:
