@@ -208,20 +208,21 @@ def test_a_degenerate_anderson_row_takes_a_plain_step_alone(bad):
     ``fx``; the other rows get the same mix as in a history without that row."""
     torch.manual_seed(0)
     matrix = torch.randn(30, 30, dtype=torch.float64) / 30
-    x = torch.randn(4, 30, dtype=torch.float64)
-    histories = {
-        "all": (solvers._AndersonHistory(x, 5, beta=1.0, lam=1e-10), x),
-        "others": (solvers._AndersonHistory(x[1:], 5, beta=1.0, lam=1e-10), x[1:]),
-    }
-    for it in range(1, 5):
-        steps = {}
-        for name, (history, xs) in histories.items():
-            fx = 1.0 - torch.tanh(xs @ matrix)
-            if name == "all" and it == 4:
+    x0 = torch.randn(4, 30, dtype=torch.float64)
+
+    def last_step(x: torch.Tensor, bad_last_value: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 4th Anderson iterate from x and the map's value before it; with
+        ``bad_last_value``, one element of row 0's last value is ``bad``."""
+        history = solvers._AndersonHistory(x, 5, beta=1.0, lam=1e-10)
+        for it in range(1, 5):
+            fx = 1.0 - torch.tanh(x @ matrix)
+            if bad_last_value and it == 4:
                 fx[0, 7] = bad
-            history.gap(fx, xs, it)
-            steps[name] = (history.next(xs, fx, it), fx)
-        histories = {name: (histories[name][0], steps[name][0]) for name in histories}
-    (mixed, fx), (others, _) = steps["all"], steps["others"]
+            history.gap(fx, x, it)
+            x = history.next(x, fx, it)
+        return x, fx
+
+    mixed, fx = last_step(x0, bad_last_value=True)
+    others, _ = last_step(x0[1:], bad_last_value=False)
     torch.testing.assert_close(mixed[0], fx[0], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(mixed[1:], others, rtol=0, atol=1e-14)
