@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from conftest import dense_jacobian_of, stress_weights
 
 from flowattn import invertible_attention
+from flowattn.lipschitz import spectral_norm
 from flowattn.transforms import (
     KINDS,
     PAPER_KINDS,
@@ -152,6 +153,39 @@ def test_gaussian_matches_the_papers_formula():
     energy = torch.exp(t @ t.transpose(1, 2))
     reference = energy / (1.5 * energy.sum(dim=1, keepdim=True))
     torch.testing.assert_close(branch.attention_map(x), reference)
+
+
+def _rescaled(weight: torch.Tensor, coeff: float) -> torch.Tensor:
+    """The paper's spectral normalisation: W / max(1, sigma(W) / coeff), sigma exact."""
+    return weight / max(1.0, float(torch.linalg.matrix_norm(weight, 2)) / coeff)
+
+
+def test_faithful_dot_is_the_papers_attention_dot():
+    """The paper code's ``Attention_dot`` (convGamma): queries and keys 1x1 maps at 0.9,
+    the value map at 0.5, energies ELU(q_i . k_j) normalised by 1.5 times their sum over
+    i, then the output 1x1 map at 0.9; written here from that description, as 1x1
+    convolutions on the image, with weights large enough that every rescaling acts."""
+    torch.manual_seed(0)
+    branch = PaperAttention(8, "dot").double()
+    stress_weights(branch, 4.0)
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64)
+    b, c, h, w = x.shape
+
+    def conv1x1(layer, coeff, inputs):
+        weight = _rescaled(layer.weight, coeff)[:, :, None, None]
+        return F.conv2d(inputs, weight, layer.bias)
+
+    query = conv1x1(branch.theta, 0.9, x).view(b, -1, h * w).permute(0, 2, 1)
+    key = conv1x1(branch.phi, 0.9, x).view(b, -1, h * w)
+    energy = F.elu(torch.bmm(query, key))  # (B, N_i, N_j)
+    energy = energy / (1.5 * energy.sum(dim=1, keepdim=True))
+    value = conv1x1(branch.value, 0.5, x).view(b, c, h * w)
+    reference = conv1x1(branch.out, 0.9, torch.bmm(value, energy).view(b, c, h, w))
+    with torch.no_grad():
+        torch.testing.assert_close(branch(x), reference, rtol=1e-12, atol=1e-12)
+        assert float(spectral_norm(branch.value.constrained_weight())) <= 0.5 + 1e-12
+    other = PaperAttention(8, "concat")
+    assert other.value.rescale.coeff == 0.9
 
 
 def test_factory_errors_list_valid_choices():

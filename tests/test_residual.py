@@ -142,14 +142,17 @@ def test_anderson_solves_a_linear_expanding_branch_exactly():
     torch.testing.assert_close(x, torch.full((2, 3), 1 / 3), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_paper_kind_that_is_not_contractive_is_never_silent(seed):
-    """The faithful dot kind at large inputs: every inverse is either right (converged,
-    within 1e-6) or comes with a ConvergenceWarning and ``converged`` False; seeds 0-2
-    are the failing case (local Jacobian norm above 1), seed 3 the converging one."""
+@pytest.mark.parametrize("seed, outcome", [(0, "no preimage"), (1, "another"), (3, "x")])
+def test_paper_kind_that_is_not_contractive_is_never_silent(seed, outcome):
+    """The faithful dot kind at large inputs (local Jacobian norm above 1 for seeds 0 and
+    1): every inverse either converged to a preimage of y, x' + g(x') = y, or comes with
+    a ConvergenceWarning and ``converged`` False. A preimage need not be x: the
+    uncertified map is not injective there (seed 1 finds another preimage, 4.6 away in
+    the max norm), which no check at y can detect, and is why these kinds are not
+    certified. Seed 0 finds none in 100 steps; seed 3 recovers x."""
     torch.manual_seed(seed)
     step = invertible_attention("dot", 8, certified=False, max_iter=100, solver="banach").double()
-    x = torch.randn(4, 8, 4, 4, dtype=torch.float64) * 10
+    x = torch.randn(4, 8, 4, 4, dtype=torch.float64) * 20
     with torch.no_grad():
         y, _ = step(x)
     with warnings.catch_warnings(record=True) as caught:
@@ -157,11 +160,17 @@ def test_paper_kind_that_is_not_contractive_is_never_silent(seed):
         x_back, _ = step.inverse(y)
     error = float((x_back - x).abs().max())
     warned = any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    if seed < 3:
+    if outcome == "no preimage":
         assert float(step.branch.estimate_lipschitz(x).max()) > 1
-        assert error > 1e-6 and warned and not step.last_inverse.converged
+        assert error > 1e-3 and warned and not step.last_inverse.converged
+        return
+    assert not warned and step.last_inverse.converged
+    with torch.no_grad():
+        torch.testing.assert_close(step(x_back)[0], y, rtol=0, atol=1e-9)
+    if outcome == "another":
+        assert float(step.branch.estimate_lipschitz(x).max()) > 1 and error > 1
     else:
-        assert error <= 1e-6 and not warned and step.last_inverse.converged
+        assert error <= 1e-6
 
 
 def test_bad_solver_name():

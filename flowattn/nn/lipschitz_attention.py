@@ -195,6 +195,11 @@ class AttentionBranch(nn.Module):
         return jacobian_spectral_norm(self, x, n_iter=n_iter)
 
 
+DOT_VALUE_COEFF = 0.5
+"""Spectral-norm coefficient of the faithful ``dot`` kind's value map: the paper's code
+builds that convolution with ``coeff=.5`` (every other map of every kind with 0.9)."""
+
+
 class PaperAttention(AttentionBranch):
     r"""The paper's invertible attention branch (uncertified), one of four similarities.
 
@@ -211,7 +216,9 @@ class PaperAttention(AttentionBranch):
 
     Then :math:`a_{ij} = e_{ij} / (1.5 \sum_{i'} e_{i'j})` and
     :math:`g(x)_j = W_L \sum_i a_{ij} V x_i`. The exponential kinds are computed as a
-    softmax over i divided by 1.5 (identical, without overflow).
+    softmax over i divided by 1.5 (identical, without overflow). As in the paper's code
+    (``Attention_dot`` in its ``inv_attention.py``), ``dot``'s value map V is normalised
+    to spectral norm 0.5 (:data:`DOT_VALUE_COEFF`), not to ``coeff``.
 
     Arguments:
         channels: Number of channels C.
@@ -238,7 +245,8 @@ class PaperAttention(AttentionBranch):
             self.phi = ConstrainedLinear(channels, inner, SpectralRescale(coeff))
         if kind == "concat":
             self.concat = ConstrainedLinear(2 * inner, 1, SpectralRescale(coeff), bias=False)
-        self.value = ConstrainedLinear(channels, channels, SpectralRescale(coeff))
+        value_coeff = DOT_VALUE_COEFF if kind == "dot" else coeff
+        self.value = ConstrainedLinear(channels, channels, SpectralRescale(value_coeff))
         self.out = ConstrainedLinear(channels, channels, SpectralRescale(coeff))
 
     def attention_map(self, x: Tensor) -> Tensor:
