@@ -1,3 +1,4 @@
+import copy
 import io
 import pickle
 import warnings
@@ -41,17 +42,38 @@ def test_inverse_round_trip(kind, dtype, tol, scale, solver, device):
 
 
 @pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default
-def test_float32_round_trip_is_within_one_unit_in_the_last_place(kind):
-    """Beyond |x| = 128 the float32 spacing (1.5e-5) exceeds 1e-5: y = x + g(x) rounds,
-    and a tie in that rounding can cost one unit in the last place, never more."""
+def test_float32_round_trip_is_within_the_contractions_error_bound(kind):
+    """Beyond |x| = 128 the float32 spacing (1.5e-5) exceeds 1e-5, so y = x + g(x) rounds
+    and the round trip cannot be exact. What the contraction guarantees, on any kernels:
+    with the residual r(z) = y - z - g(z), r(x) - r(x') = (x' - x) + (g(x') - g(x)), so
+    |x' - x| <= (|r(x)| + |r(x')|) / (1 - L) in the certificate's norm. Both residuals
+    are evaluated here in float64 on the same weights (exactly representable), so the
+    bound holds whatever kernels rounded the float32 forward and inverse.
+
+    (This replaced a one-unit-in-the-last-place bound, which held for one CPU's kernels
+    but not under ATEN_CPU_CAPABILITY=default, for ``dot`` and ``l2``: the rounding of
+    g in float32 depends on the kernels, and the contraction can amplify it by up to
+    1 / (1 - L) = 10. The error is still asserted to be a few units in the last place.)
+    """
     step = invertible_attention(kind, 6, strict=True)
     stress_weights(step.branch)
     x = torch.randn(3, 6, 8, 8) * 100
     with torch.no_grad():
         y, _ = step(x)
     x_back, _ = step.inverse(y)
+    g = copy.deepcopy(step.branch).double()
+    lipschitz = g.lipschitz_bound(tuple(x.shape[1:]))
+    order = float("inf") if g.certified_norm == "inf" else 2.0
+
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(t.flatten(1), ord=order, dim=1)
+
+    with torch.no_grad():
+        x64, back64, y64 = x.double(), x_back.double(), y.double()
+        bound = (norms(y64 - x64 - g(x64)) + norms(y64 - back64 - g(back64))) / (1 - lipschitz)
+    assert (norms(back64 - x64) <= bound * (1 + 1e-9)).all()
     spacing = torch.nextafter(x.abs(), torch.tensor(float("inf"))) - x.abs()
-    assert ((x_back - x).abs() <= torch.clamp(spacing, min=1e-5)).all()
+    assert ((x_back - x).abs() <= 8 * torch.clamp(spacing, min=1e-5)).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default

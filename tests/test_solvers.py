@@ -130,9 +130,15 @@ def test_rows_leave_the_solve_as_they_converge(solver):
     gap = (y - 0.5 * result.solution - result.solution).abs()
     eps = 2 * torch.finfo(torch.float64).eps
     assert (gap <= eps + eps * torch.maximum(result.solution.abs(), y.abs())).all()
+    # Banach's steps are elementwise, correctly rounded IEEE operations (0.5 x, y - g):
+    # the same bits on every kernel and batch shape. Anderson's mixing goes through
+    # batched products and solves whose kernels depend on the number of rows, so there
+    # the two solutions agree within what their tolerances allow: each is within
+    # |gap| / (1 - 1/2) of the fixed point.
+    atol = 0.0 if solver == "banach" else float(4 * (eps + eps * y.abs().max()))
     for i in range(4):
         alone = solve_fixed_point(_CountingRows(), y[i : i + 1], solver=solver)
-        torch.testing.assert_close(result.solution[i], alone.solution[0], rtol=0, atol=0)
+        torch.testing.assert_close(result.solution[i], alone.solution[0], rtol=0, atol=atol)
 
 
 class _Symmetric:
@@ -152,18 +158,30 @@ class _Symmetric:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_row_that_cannot_converge_does_not_hold_the_others(solver, bad):
     """A row whose gap is not finite is given up at once: the solve reports failure with
-    that gap, the row is returned as it was, and the other rows are solved in as many
-    iterations, to the same values, as without it (Anderson mixes each row on its own:
-    one row's degenerate history does not turn the others to plain steps)."""
+    that gap, the row is returned as it was, and the other rows are solved to their
+    tolerance in about as many iterations as without it (Anderson mixes each row on its
+    own: one row's degenerate history does not turn the others to plain steps).
+
+    The clean solve runs on 4 rows, the other on 5 for its first evaluation: the matrix
+    products take other kernels there and round differently, and the iteration counts
+    then differ by a few (627 against 623 for Banach, 258 against 262 for Anderson, seen
+    on an AMD EPYC). So the counts are compared within 5%: a row that held the others
+    would cost Banach max_iter (1000) and turn Anderson into plain steps (about 620
+    here, 2.4x), far outside it."""
     g = _Symmetric()
     y = torch.randn(5, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     clean = solve_fixed_point(g, y[1:], solver=solver, max_iter=1000)
     y[0, 0] = bad  # the first element: the reported tolerance is finite even there
     result = solve_fixed_point(g, y, solver=solver, max_iter=1000)
     assert clean.converged and not result.converged
-    assert result.iterations == clean.iterations
+    assert abs(result.iterations - clean.iterations) <= 0.05 * clean.iterations
     assert not math.isfinite(result.residual) and math.isfinite(result.tolerance)
-    torch.testing.assert_close(result.solution[1:], clean.solution, rtol=0, atol=1e-13)
+    # both within tolerance of the fixed point of a map with Lip 0.95 in l2: each is
+    # within |gap| / (1 - 0.95) = 20 |gap| of it, far below 1e-12 at these tolerances
+    gap = (y[1:] - g(result.solution[1:]) - result.solution[1:]).abs()
+    floor = 64 * torch.finfo(torch.float64).eps * (1 + float(y[1:].abs().max()))
+    assert float(gap.max()) <= floor
+    torch.testing.assert_close(result.solution[1:], clean.solution, rtol=0, atol=1e-12)
     # given up at the first iterate, x0 = y
     torch.testing.assert_close(result.solution[0], y[0], rtol=0, atol=0, equal_nan=True)
 
@@ -225,4 +243,6 @@ def test_a_degenerate_anderson_row_takes_a_plain_step_alone(bad):
     mixed, fx = last_step(x0, bad_last_value=True)
     others, _ = last_step(x0[1:], bad_last_value=False)
     torch.testing.assert_close(mixed[0], fx[0], rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(mixed[1:], others, rtol=0, atol=1e-14)
+    # 4 rows against 3: the products take other kernels, so the mixes differ by rounding
+    # (amplified by the least-squares solve), not bit for bit
+    torch.testing.assert_close(mixed[1:], others, rtol=0, atol=1e-12)
