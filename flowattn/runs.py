@@ -28,6 +28,7 @@ import tomli_w
 import torch
 
 from . import configs
+from .capacity import BudgetUse, budget_use, low_share_message
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -530,6 +531,30 @@ class TrainingScalars:
                 write(f"logdet_std/{short}", logdet.std(), step)
 
 
+class BudgetShares:
+    """The share of its certified bound that each attention step's local Jacobian norm
+    reaches at a few test images (:func:`~flowattn.capacity.budget_use`, evaluation
+    weights), written to TensorBoard as ``budget_share/<step>``: an action for
+    :class:`~flowattn.training.Every`."""
+
+    def __init__(self, images: torch.Tensor, writer, last_step: int) -> None:
+        self.images, self.writer, self.last_step = images, writer, last_step
+
+    def __call__(self, trainer: Trainer) -> None:
+        if trainer.step >= self.last_step:  # the final measurement, on 8 images, follows
+            return
+        with trainer.evaluation_weights():
+            uses = budget_use(trainer.model, self.images, attention_only=True)
+        write_budget_shares(self.writer, uses, trainer.step)
+
+
+def write_budget_shares(writer, uses: list[BudgetUse], step: int) -> None:
+    """``budget_share/<step name>`` scalars for the measured steps that have a bound."""
+    for use in uses:
+        if use.share is not None:
+            writer.add_scalar(f"budget_share/{use.name.split(' ')[0]}", use.share, step)
+
+
 class TestEvaluation:
     """Test bits/dim with the evaluation (EMA) weights, written to TensorBoard: an action
     for :class:`~flowattn.training.Every`."""
@@ -603,6 +628,8 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
         ]
         if config.eval_every:
             hooks.append(Every(evaluation, steps=config.eval_every))
+            hooks.append(Every(BudgetShares(x_test[:4].to(device), writer, config.steps),
+                               steps=config.eval_every))  # fmt: skip
         if not progress:
             hooks.append(PlainProgress(config.steps, log))
 
@@ -653,6 +680,8 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
         # the dequantisation noise is seeded with the run's seed, as `flowattn eval` does
         bpd = model.bits_per_dim(x_test, batch_size=256, seed=config.seed)
         samples, recon, error = _write_images(model, config, x_test, run_dir, writer, trainer.step)
+        uses = budget_use(model, x_test[:8].to(device), attention_only=True)
+    write_budget_shares(writer, uses, trainer.step)
     writer.add_scalar("test/bpd", bpd.mean, trainer.step)
     writer.add_scalar("test/bpd_stderr", bpd.stderr, trainer.step)
     writer.close()
@@ -660,6 +689,9 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
     log(f"reconstruction of {min(len(x_test), 8)} test images: {error}")
     log(f"samples: {samples}")
     log(f"reconstructions: {recon}")
+    for use in uses:
+        if use.low:
+            log(f"warning: {low_share_message(use)}")
     if trainer.result.skipped:
         log(f"{trainer.result.skipped} steps skipped (non-finite loss or gradient)")
     return RunSummary(run_dir, trainer.step, bpd, samples, recon, **common)

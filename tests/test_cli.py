@@ -75,6 +75,9 @@ def test_sample_reconstruct_certify_attention(run, tmp_path, capsys):
     assert main(["certify", str(run), "-n", "4"]) == 0
     out = capsys.readouterr().out
     assert "ExternalAttention" in out and "ConvResidualBranch" in out and "True" in out
+    assert "share" in out and "%" in out
+    # After 6 steps the external attention branch is still close to zero (share < 5%):
+    assert "warning:" in out and "ExternalAttention" in out.split("warning:")[1]
     att = tmp_path / "a.png"
     assert main(["attention", str(run), "--image", "digits", "-o", str(att)]) == 0
     assert att.is_file() and att.stat().st_size > 1000

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowattn.capacity import budget_use
 from flowattn.checkpoint import load_checkpoint, save_checkpoint
 from flowattn.errors import ConfigError
 from flowattn.runs import RunConfig, load_run_model, run_training
@@ -56,6 +57,17 @@ def test_run_writes_everything_and_reports(tmp_path):
     assert any(
         not torch.equal(a, b) for a, b in zip(model.parameters(), raw.parameters(), strict=True)
     )
+    # the attention step's budget share: logged at each evaluation and at the end (the
+    # final one is that of the EMA weights at the first 8 test images), with a warning
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run)).Reload()
+    (tag,) = [t for t in events.Tags()["scalars"] if t.startswith("budget_share/")]
+    shares = events.Scalars(tag)
+    assert [s.step for s in shares] == [2, 4]
+    (use,) = budget_use(model, config.images("test")[:8], attention_only=True)
+    assert math.isclose(shares[-1].value, use.share, rel_tol=1e-5)
+    assert use.low == any(line.startswith(f"warning: {use.name} uses") for line in lines)
 
 
 class _Killed(Exception):
