@@ -119,6 +119,10 @@ _PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+EXTRA_STEPS = ("actnorm", "conv")
+"""The controls ``ModelConfig.extra_step`` can put where the attention step would be."""
+
+
 @dataclass
 class ModelConfig:
     """Everything that defines a model's architecture (see :func:`build_model`).
@@ -138,6 +142,11 @@ class ModelConfig:
         attention_certified: For the paper's four kinds, the certified version (default)
             or, with False, the faithful uncertified reproduction.
         attention_options: Extra branch options (``heads``, ``slots``, ``reduction``...).
+        extra_step: Residual presets without attention: one more step where
+            ``iresnet-attn`` puts its attention step (the end of the first scale), the
+            controls of an attention ablation: ``actnorm`` (the attention step's ActNorm
+            with no branch, so the step count is the same) or ``conv`` (that ActNorm and
+            one more convolutional residual block, with ``coeff``). None: no extra step.
         estimator: The training log-det estimator of residual presets: ``roulette``
             (default: unbiased, geometric number of terms chosen from the certified
             bounds ``coeff`` and ``attention_coeff`` so its variance is finite, one draw
@@ -165,6 +174,7 @@ class ModelConfig:
     attention_coeff: float = 0.9
     attention_certified: bool = True
     attention_options: dict[str, Any] = field(default_factory=dict)
+    extra_step: str | None = None
     estimator: str | None = None
     n_terms: int | None = None
     n_probes: int = 1
@@ -215,8 +225,9 @@ class ModelConfig:
             default = estimator_defaults(estimator).get("gradient")
             if default is not None:
                 values["estimator_options"] = {**values["estimator_options"], "gradient": default}
-        if values["attention"] in ("none", ""):
-            values["attention"] = None
+        for key in ("attention", "extra_step"):
+            if values[key] in ("none", ""):
+                values[key] = None
         values["image_shape"] = tuple(int(s) for s in values["image_shape"])
         config = ModelConfig(**values)
         config._check()
@@ -258,6 +269,18 @@ class ModelConfig:
                     f"preset {self.preset!r} takes an invertible attention kind "
                     f"({', '.join(KINDS)}) or none, got {self.attention!r}"
                 )
+            if self.extra_step not in (None, *EXTRA_STEPS):
+                raise ConfigError(
+                    f"extra_step must be one of {', '.join(EXTRA_STEPS)} or none, "
+                    f"got {self.extra_step!r}"
+                )
+            if self.extra_step is not None and self.attention is not None:
+                raise ConfigError(
+                    f"extra_step={self.extra_step!r} is a control in place of the attention "
+                    f"step: it takes attention = none, got {self.attention!r}"
+                )
+        elif self.extra_step is not None:
+            raise ConfigError(f"extra_step is for residual presets, not {self.preset!r}")
         elif self.attention is not None and self.attention not in ORDINARY_ATTENTION:
             raise ConfigError(
                 f"preset {self.preset!r} takes ordinary attention "
@@ -311,6 +334,13 @@ def _residual_level(
             **config.attention_options,
         )
         steps += [ActNorm(channels), step]
+    elif level == 0 and config.extra_step == "actnorm":
+        steps.append(ActNorm(channels))
+    elif level == 0 and config.extra_step == "conv":
+        branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
+        residual = ResidualTransform(branch, estimator(config.coeff), solver=config.solver,
+                                     max_iter=config.max_iter, input_shape=shape)  # fmt: skip
+        steps += [ActNorm(channels), residual]
     return steps
 
 

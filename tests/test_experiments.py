@@ -12,6 +12,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
+import attention_ablation  # noqa: E402
 import common  # noqa: E402
 import density  # noqa: E402
 import invertibility  # noqa: E402
@@ -217,3 +218,41 @@ def test_density_specs_name_faithful_and_certified_paper_kinds():
     assert certified.attention == faithful.attention == "dot"
     assert certified.attention_certified and not faithful.attention_certified
     assert faithful.estimator == "series" and certified.estimator == "roulette"
+
+
+def test_attention_ablation_end_to_end_and_resume(tmp_path, capsys):
+    """Both budgets are evaluated per run, the tables' paired differences are those of
+    the per-image values, samples are drawn, and a second call trains nothing."""
+    import json
+
+    models = "[iresnet, iresnet+actnorm, iresnet+conv, iresnet-attn:external]"
+    argv = ["--dataset", "digits", "--train_images", "256", "--test_images", "24",
+            "--models", models, "--seeds", "[0, 1]", "--steps", "4", "--seconds", "0.3",
+            "--warmup", "2", "--model", "{blocks: 1, hidden: 4}",
+            "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]  # fmt: skip
+    attention_ablation.main(argv)
+    state = json.loads((tmp_path / "ablation.json").read_text())
+    assert len(state["runs"]) == 8
+    for run in state["runs"].values():
+        assert run["steps"]["step"] == 4 and run["time"]["seconds"] >= 0.3
+        assert len(run["steps"]["values"]) == 24 and run["steps"]["estimator"].startswith("exact")
+    runs = state["runs"]
+    per_seed = [
+        sum(a - b for a, b in zip(runs[f"iresnet-attn:external|{s}"]["time"]["values"],
+                                  runs[f"iresnet+actnorm|{s}"]["time"]["values"], strict=True)) / 24
+        for s in (0, 1)
+    ]  # fmt: skip
+    table = (tmp_path / "ablation.md").read_text()
+    assert "### Equal steps: 4 steps" in table and "### Equal time: 0.3 s" in table
+    time_table = table.split("### Equal time")[1].split("Share of")[0]
+    (row,) = [line for line in time_table.splitlines() if line.startswith("| iresnet-attn")]
+    assert f"{sum(per_seed) / 2:+.4f}" in row.split("|")[6]
+    assert len(runs["iresnet-attn:external|0"]["init_share"]) == 1
+    assert "samples" in runs["iresnet|0"] and "samples" not in runs["iresnet|1"]
+    with Image.open(tmp_path / "samples.png") as image:
+        assert image.size[0] > 4 * image.size[1]  # four panels side by side
+    capsys.readouterr()
+    attention_ablation.main(argv)
+    assert "seed 0:" not in capsys.readouterr().out  # nothing trained again
+    with pytest.raises(SystemExit, match="another setting"):
+        attention_ablation.main([*argv[:-2], "--steps", "5", "--out", str(tmp_path)])

@@ -8,6 +8,7 @@ from conftest import count_host_reads, dense_jacobian_of
 from nflows.distributions import Distribution, StandardNormal
 from nflows.transforms import IdentityTransform, PointwiseAffineTransform
 
+from flowattn.errors import ConfigError
 from flowattn.logdet import LogDetEstimator
 from flowattn.metrics import paired_difference
 from flowattn.models import PRESETS, DensityModel, ModelConfig, build_model
@@ -357,3 +358,41 @@ def test_the_resolved_config_records_the_log_det_gradient(estimator, options, re
     model = build_model(config)
     step = next(step for _, step in model.residual_steps())
     assert getattr(step.estimator, "gradient", None) == recorded.get("gradient")
+
+
+@pytest.mark.parametrize("extra, residuals", [("actnorm", 0), ("conv", 1)])
+def test_extra_step_controls_add_one_step_where_attention_goes(extra, residuals, device):
+    """``extra_step`` adds, at the end of the first scale, the attention step's ActNorm
+    (and a convolutional residual block for ``conv``): the flow has the same steps as
+    ``iresnet-attn`` there, and its exact log-det is that of the dense Jacobian."""
+    plain = build_model("iresnet", image_shape=(1, 8, 8), blocks=1, hidden=4)
+    model = build_model("iresnet", image_shape=(1, 8, 8), blocks=1, hidden=4, extra_step=extra)
+    attn = build_model("iresnet-attn", image_shape=(1, 8, 8), blocks=1, hidden=4)
+
+    def actnorms(m):
+        return sum(type(t).__name__ == "ActNorm" for t in m._transform.modules())
+
+    assert actnorms(model) == actnorms(plain) + 1 == actnorms(attn)
+    assert len(list(model.residual_steps())) == len(list(plain.residual_steps())) + residuals
+    _train_one_step(model.to(device=device, dtype=torch.float64))
+    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
+    with model.using_estimator("exact"):
+        _, logabsdet = model._transform(y)
+    with model.using_estimator(_OutputsOnly()):
+        jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
+    torch.testing.assert_close(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"extra_step": "mlp"}, "extra_step must be one of actnorm, conv"),
+        ({"extra_step": "conv", "attention": "l2"}, "takes attention = none"),
+    ],
+)
+def test_extra_step_errors(options, message):
+    preset = "iresnet-attn" if "attention" in options else "iresnet"
+    with pytest.raises(ConfigError, match=message):
+        build_model(preset, image_shape=(1, 8, 8), **options)
+    with pytest.raises(ConfigError, match="for residual presets"):
+        build_model("glow", image_shape=(1, 8, 8), extra_step="actnorm")
