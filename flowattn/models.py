@@ -12,7 +12,8 @@ latent. Presets:
   (``estimator="series"`` gives i-ResNet's truncated series, whose bias training can
   exploit: see :meth:`DensityModel.series_bias_bound`).
 * ``iresnet-attn``: i-ResNet with an invertible attention step at the end of the first
-  scale, as in Zha et al. (2021); ``attention`` picks the kind (default ``external``).
+  scale, as in Zha et al. (2021); ``attention`` picks the kind (default ``external``),
+  ``attention_scale`` another scale (fewer tokens, cheaper steps).
 * ``resflow``: Residual Flows (Chen et al., 2019): LipSwish, unbiased Russian-roulette
   log-det with the Neumann gradient.
 * ``glow``: Glow (Kingma & Dhariwal, 2018): ActNorm, 1x1 convolution, affine coupling.
@@ -142,8 +143,13 @@ class ModelConfig:
         attention_certified: For the paper's four kinds, the certified version (default)
             or, with False, the faithful uncertified reproduction.
         attention_options: Extra branch options (``heads``, ``slots``, ``reduction``...).
+        attention_scale: The scale (0 = the first) at whose end the attention step, or
+            the ``extra_step`` control, goes. Each scale halves H and W, so the step's
+            N = H W / 4**(attention_scale + 1) tokens shrink fourfold per scale, and its
+            N x N responses sixteenfold (on 3 x 32 x 32 images: 256 tokens at scale 0,
+            64 at scale 1). Glow presets: the scale whose couplings use ``sagan``.
         extra_step: Residual presets without attention: one more step where
-            ``iresnet-attn`` puts its attention step (the end of the first scale), the
+            ``iresnet-attn`` puts its attention step (the end of ``attention_scale``), the
             controls of an attention ablation: ``actnorm`` (the attention step's ActNorm
             with no branch, so the step count is the same) or ``conv`` (that ActNorm and
             one more convolutional residual block, with ``coeff``). None: no extra step.
@@ -174,6 +180,7 @@ class ModelConfig:
     attention_coeff: float = 0.9
     attention_certified: bool = True
     attention_options: dict[str, Any] = field(default_factory=dict)
+    attention_scale: int = 0
     extra_step: str | None = None
     estimator: str | None = None
     n_terms: int | None = None
@@ -249,6 +256,15 @@ class ModelConfig:
                 f"{self.scales} scales need H and W divisible by {2**self.scales}; "
                 f"image_shape is {self.image_shape}: use fewer scales"
             )
+        if (
+            not isinstance(self.attention_scale, int)
+            or isinstance(self.attention_scale, bool)
+            or not 0 <= self.attention_scale < self.scales
+        ):
+            raise ConfigError(
+                f"attention_scale must be an integer in [0, {self.scales - 1}] (the model "
+                f"has {self.scales} scales), got {self.attention_scale!r}"
+            )
         if not isinstance(self.attention_certified, bool):
             raise ConfigError(
                 f"attention_certified must be true or false, got {self.attention_certified!r}"
@@ -313,7 +329,8 @@ def _residual_level(
                 input_shape=shape,
             ),
         ]
-    if level == 0 and config.attention is not None:
+    here = level == config.attention_scale
+    if here and config.attention is not None:
         certified = config.attention in CERTIFIED_KINDS or config.attention_certified
         if certified or config.estimator != "roulette":
             attention_estimator = estimator(config.attention_coeff)
@@ -334,9 +351,9 @@ def _residual_level(
             **config.attention_options,
         )
         steps += [ActNorm(channels), step]
-    elif level == 0 and config.extra_step == "actnorm":
+    elif here and config.extra_step == "actnorm":
         steps.append(ActNorm(channels))
-    elif level == 0 and config.extra_step == "conv":
+    elif here and config.extra_step == "conv":
         branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
         residual = ResidualTransform(branch, estimator(config.coeff), solver=config.solver,
                                      max_iter=config.max_iter, input_shape=shape)  # fmt: skip
@@ -348,7 +365,7 @@ def _coupling_level(
     config: ModelConfig, shape: tuple[int, int, int], level: int
 ) -> list[Transform]:
     channels = shape[0]
-    attention = level == 0 and config.attention == "sagan"
+    attention = level == config.attention_scale and config.attention == "sagan"
     return [
         glow_step(channels, config.hidden, attention=attention, flip=bool(b % 2))
         for b in range(config.blocks)

@@ -396,3 +396,36 @@ def test_extra_step_errors(options, message):
         build_model(preset, image_shape=(1, 8, 8), **options)
     with pytest.raises(ConfigError, match="for residual presets"):
         build_model("glow", image_shape=(1, 8, 8), extra_step="actnorm")
+
+
+@pytest.mark.parametrize("preset, extra", [("iresnet-attn", None), ("iresnet", "conv")])
+def test_attention_scale_moves_the_step_to_fewer_tokens(preset, extra, device):
+    """``attention_scale=1`` puts the attention step (or the control) at the end of the
+    second scale: its inputs have 4x the channels and 1/4 of the tokens, the model's
+    log-det is still that of its dense Jacobian, and decoding inverts encoding."""
+    options = {"image_shape": (1, 8, 8), "blocks": 1, "hidden": 4, "scales": 2}
+    if extra is None:
+        options["attention"] = "dot"
+    else:
+        options["extra_step"] = extra
+    model = build_model(preset, attention_scale=1, **options)
+    names = [name for name, _ in model.residual_steps()]
+    assert names[0].startswith("scale0.step2") and names[-1].startswith("scale1.step4")
+    # scale 1: squeezed twice, half the channels factored out after scale 0
+    last = list(model.residual_steps())[-1][1]
+    assert last.input_shape == (8, 2, 2)
+    _train_one_step(model.to(device=device, dtype=torch.float64))
+    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
+    with model.using_estimator("exact"):
+        _, logabsdet = model._transform(y)
+    with model.using_estimator(_OutputsOnly()):
+        jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
+    torch.testing.assert_close(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=0)
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, device=device)
+    torch.testing.assert_close(model.reconstruct(x), x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("scale", [-1, 2, 1.0, True])
+def test_attention_scale_errors(scale):
+    with pytest.raises(ConfigError, match=r"attention_scale must be an integer in \[0, 1\]"):
+        build_model("iresnet-attn", image_shape=(1, 8, 8), scales=2, attention_scale=scale)
