@@ -22,8 +22,8 @@ seed trains every model from the same data order) the mean of the per-seed diffe
 is reported with its standard error over seeds, which includes training noise.
 
 Outputs in ``--out``: ``ablation.json`` (per-image values, resumable), ``ablation.md``
-(the tables) and ``samples.png`` (seed 0's samples at the equal-time budget, one panel
-per model, left to right in the order of ``models``).
+(the tables) and ``samples.png`` (seed 0's samples at the equal-time budget, one
+labelled panel per model, in the order of ``models``).
 
     python experiments/attention_ablation.py --dataset digits --out runs/ablation-digits
     python experiments/attention_ablation.py --downsample 4 --out runs/ablation-cifar8
@@ -45,7 +45,6 @@ from tqdm.auto import tqdm
 
 from flowattn.capacity import budget_use
 from flowattn.models import ModelConfig, build_model
-from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
 from flowattn.training import Hook, Trainer
 
@@ -243,17 +242,34 @@ def summary(state: dict, config: Config) -> str:
 
 
 def write_samples(state: dict, config: Config, path: Path) -> None:
-    """Seed 0's samples (equal-time budget), one 6x6 panel per model, side by side."""
+    """Seed 0's samples (equal-time budget): one labelled 6x6 panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     panels = []
     for m in config.models:
         run = state["runs"].get(f"{m}|{config.seeds[0]}")
         if run is not None and "samples" in run:
-            x = torch.tensor(run["samples"])
+            x = torch.tensor(run["samples"]).float()
             c, h, w = x.shape[1:]
-            grid = x.view(6, 6, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, 6 * h, 6 * w)
-            panels += [grid, torch.ones(c, 6 * h, 2)]
-    if panels:
-        save_grid(torch.cat(panels[:-1], dim=2)[None], path, nrow=1, min_side=6 * 32)
+            grid = x.view(6, 6, c, h, w).permute(0, 3, 1, 4, 2).reshape(6 * h, 6 * w, c)
+            panels.append((m, grid.squeeze(-1).numpy()))
+    if not panels:
+        return
+    cols = min(len(panels), 5)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, grid) in zip(axes.flat, panels, strict=False):
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name.replace("iresnet-attn:", "attn: "), fontsize=9)
+    fig.suptitle(f"samples at the equal-time budget, seed {config.seeds[0]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def run(config: Config) -> dict:

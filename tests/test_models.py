@@ -401,7 +401,7 @@ def test_extra_step_errors(options, message):
 @pytest.mark.parametrize("preset, extra", [("iresnet-attn", None), ("iresnet", "conv")])
 def test_attention_scale_moves_the_step_to_fewer_tokens(preset, extra, device):
     """``attention_scale=1`` puts the attention step (or the control) at the end of the
-    second scale: its inputs have 4x the channels and 1/4 of the tokens, the model's
+    second scale: its inputs have 2x the channels and 1/4 of the tokens, the model's
     log-det is still that of its dense Jacobian, and decoding inverts encoding."""
     options = {"image_shape": (1, 8, 8), "blocks": 1, "hidden": 4, "scales": 2}
     if extra is None:
