@@ -8,6 +8,9 @@ levels 0..255 and ``label`` an int (-1 when there is none). Datasets by name:
   real image data with a fixed split (first 1,500 train, last 297 test) and small
   enough that a CPU trains a flow on it in minutes; 17 grey levels make its
   bits-per-dim low and not comparable with natural-image figures.
+* ``camouflage`` (no download): :func:`flowattn.segmentation.camouflage_split`'s
+  images (2,000 train / 500 test, one object textured like its background), side
+  ``image_size`` (default 32); their object masks come from ``flowattn.segmentation``.
 * ``cifar10``, ``svhn``, ``celeba``: from ``root`` (default ``$FLOWATTN_DATA`` or
   ``./data``) in torchvision's layouts (CIFAR-10's python batches, SVHN's ``.mat``
   files, CelebA through torchvision). Checksums are not enforced (subsets and re-packed
@@ -49,7 +52,7 @@ from torch.utils.data import Dataset
 
 from .errors import ConfigError
 
-DATASETS = ("digits", "cifar10", "svhn", "celeba", "npz", "folder")
+DATASETS = ("digits", "camouflage", "cifar10", "svhn", "celeba", "npz", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _SPLITS = {
     "digits": ("train", "test"),
@@ -383,7 +386,8 @@ def load_dataset(
         split: ``train`` or ``test`` (SVHN also ``extra``; CelebA also ``valid``, ``all``).
         root: Where the torchvision datasets are (default ``$FLOWATTN_DATA`` or
             ``./data``); the file for ``npz``, the directory for ``folder``.
-        image_size: Side of the square output for ``celeba`` (default 64) and ``folder``.
+        image_size: Side of the square output for ``celeba`` (default 64), ``camouflage``
+            (default 32) and ``folder``.
         channels: 1 or 3, for ``folder``.
         key: Array name in an ``.npz`` file (default ``x_<split>``).
 
@@ -418,6 +422,11 @@ def load_dataset(
     root = _default_root() if root is None else Path(root)
     if name == "digits":
         return _digits(split)
+    if name == "camouflage":
+        from .segmentation.camouflage import camouflage_split
+
+        images, _ = camouflage_split(split, 32 if image_size is None else image_size)
+        return ImageTensorDataset(images, name="camouflage")
     if name == "npz":
         return _npz(root, split, key)
     if name == "cifar10":

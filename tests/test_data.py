@@ -211,3 +211,14 @@ def test_bad_names_and_options():
         load_dataset("digits", image_size=16)
     with pytest.raises(DataError, match="uint8"):
         ImageTensorDataset(torch.zeros(2, 1, 4, 4))
+
+
+def test_camouflage_images_by_name_are_the_segmentation_sets():
+    from flowattn.segmentation import camouflage_split
+
+    test = load_dataset("camouflage", "test")
+    images, _ = camouflage_split("test", 32)
+    assert len(test) == 500 and torch.equal(stack_images(test), images)
+    assert load_dataset("camouflage", "train", image_size=64)[0][0].shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="unknown split .valid. for camouflage"):
+        load_dataset("camouflage", "valid")
