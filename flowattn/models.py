@@ -316,19 +316,21 @@ def _residual_level(
         return make_estimator(config.estimator, **{**options, **config.estimator_options})
 
     channels = shape[0]
+
+    def conv_block() -> list[Transform]:
+        branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
+        residual = ResidualTransform(
+            branch,
+            estimator(config.coeff),
+            solver=config.solver,
+            max_iter=config.max_iter,
+            input_shape=shape,
+        )
+        return [ActNorm(channels), residual]
+
     steps: list[Transform] = []
     for _ in range(config.blocks):
-        branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
-        steps += [
-            ActNorm(channels),
-            ResidualTransform(
-                branch,
-                estimator(config.coeff),
-                solver=config.solver,
-                max_iter=config.max_iter,
-                input_shape=shape,
-            ),
-        ]
+        steps += conv_block()
     here = level == config.attention_scale
     if here and config.attention is not None:
         certified = config.attention in CERTIFIED_KINDS or config.attention_certified
@@ -354,10 +356,7 @@ def _residual_level(
     elif here and config.extra_step == "actnorm":
         steps.append(ActNorm(channels))
     elif here and config.extra_step == "conv":
-        branch = ConvResidualBranch(channels, config.hidden, config.coeff, config.activation)
-        residual = ResidualTransform(branch, estimator(config.coeff), solver=config.solver,
-                                     max_iter=config.max_iter, input_shape=shape)  # fmt: skip
-        steps += [ActNorm(channels), residual]
+        steps += conv_block()
     return steps
 
 

@@ -360,6 +360,18 @@ def test_the_resolved_config_records_the_log_det_gradient(estimator, options, re
     assert getattr(step.estimator, "gradient", None) == recorded.get("gradient")
 
 
+def _assert_trained_exact_logdet_is_dense(model, device):
+    """After one training step in float64, the model's exact log-det equals the slogdet
+    of the dense Jacobian of data -> latent."""
+    _train_one_step(model.to(device=device, dtype=torch.float64))
+    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
+    with model.using_estimator("exact"):
+        _, logabsdet = model._transform(y)
+    with model.using_estimator(_OutputsOnly()):
+        jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
+    torch.testing.assert_close(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=0)
+
+
 @pytest.mark.parametrize("extra, residuals", [("actnorm", 0), ("conv", 1)])
 def test_extra_step_controls_add_one_step_where_attention_goes(extra, residuals, device):
     """``extra_step`` adds, at the end of the first scale, the attention step's ActNorm
@@ -374,13 +386,7 @@ def test_extra_step_controls_add_one_step_where_attention_goes(extra, residuals,
 
     assert actnorms(model) == actnorms(plain) + 1 == actnorms(attn)
     assert len(list(model.residual_steps())) == len(list(plain.residual_steps())) + residuals
-    _train_one_step(model.to(device=device, dtype=torch.float64))
-    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
-    with model.using_estimator("exact"):
-        _, logabsdet = model._transform(y)
-    with model.using_estimator(_OutputsOnly()):
-        jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
-    torch.testing.assert_close(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=0)
+    _assert_trained_exact_logdet_is_dense(model, device)
 
 
 @pytest.mark.parametrize(
@@ -414,13 +420,7 @@ def test_attention_scale_moves_the_step_to_fewer_tokens(preset, extra, device):
     # scale 1: squeezed twice, half the channels factored out after scale 0
     last = list(model.residual_steps())[-1][1]
     assert last.input_shape == (8, 2, 2)
-    _train_one_step(model.to(device=device, dtype=torch.float64))
-    y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
-    with model.using_estimator("exact"):
-        _, logabsdet = model._transform(y)
-    with model.using_estimator(_OutputsOnly()):
-        jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
-    torch.testing.assert_close(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=0)
+    _assert_trained_exact_logdet_is_dense(model, device)
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64, device=device)
     torch.testing.assert_close(model.reconstruct(x), x, atol=1e-6, rtol=0)
 
