@@ -50,7 +50,7 @@ def test_the_invertible_step_keeps_its_certificate_and_inverts(name):
         h, _ = net.bottleneck(images.double() / 255)
         bound = net.attention.lipschitz_bound(tuple(h.shape[1:]))
         assert bound is not None and bound <= 0.9 + 1e-9
-        g = net.attention.module
+        g = net.attention.step.branch
         d = 1e-3 * torch.randn_like(h)
         ratio = (g(h + d) - g(h)).flatten(1).abs().amax(1) / d.flatten(1).abs().amax(1)
         assert (ratio <= bound * (1 + 1e-6)).all()

@@ -13,7 +13,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["IMAGE_SUFFIXES", "MASK_SUFFIXES", "SPLIT_FOLDERS", "load_cod_folder"]
+__all__ = ["MASK_SUFFIXES", "SPLIT_FOLDERS", "load_cod_folder"]
 
 from pathlib import Path
 
@@ -22,9 +22,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from ..data import DataError, DatasetNotFoundError
+from ..data import IMAGE_SUFFIXES, DataError, DatasetNotFoundError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png", ".bmp", ".jpg")
 SPLIT_FOLDERS = {
     "train": ("train", "Train", "TrainDataset"),

@@ -65,10 +65,10 @@ class AttentionSlot(nn.Module):
         self.name = name
         family, _, kind = name.partition(":")
         self.step = None
+        self.module: nn.Module | None = None  # the ordinary module, or None for a step
         if family in ("invertible", "faithful"):
             self.step = invertible_attention(kind, channels, certified=family == "invertible",
                                              coeff=coeff)  # fmt: skip
-            self.module: nn.Module = self.step.branch
         elif name == "none":
             self.module = nn.Identity()
         else:
@@ -80,7 +80,7 @@ class AttentionSlot(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.step is not None:
-            return x + self.module(x)  # the residual step; no log-det is needed here
+            return x + self.step.branch(x)  # the residual step; no log-det is needed here
         return self.module(x)
 
     def invert(self, y: Tensor) -> Tensor:
