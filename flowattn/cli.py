@@ -1,4 +1,5 @@
-"""The ``flowattn`` command: train, evaluate, sample, reconstruct, certify, attention, demo.
+"""The ``flowattn`` command: train, evaluate, sample, reconstruct, certify, attention, demo,
+segment.
 
 ``flowattn train`` with no arguments trains a small certified ``iresnet-attn`` on the
 embedded digits dataset for a few minutes on CPU, then prints the test bits-per-dim and
@@ -83,6 +84,12 @@ def demo(args: argparse.Namespace) -> int:
     _save_grid(rows, out)
     print(f"wrote {out}: first row inputs, then one row of reconstructions per kind {variants}")
     return 0
+
+
+def segment(args: argparse.Namespace) -> int:
+    from .segmentation.command import run
+
+    return run(args)
 
 
 def _save_grid(rows: list[torch.Tensor], path: Path) -> None:
@@ -479,9 +486,17 @@ def _build() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="outputs/demo_reconstructions.png")
 
+    from .segmentation import command as segment_command
+
+    subcommands["segment"] = (
+        segment_command.build_parser(),
+        "camouflaged object detection: train|eval|predict",
+    )
+
     commands = parser.add_subcommands(dest="command", required=True)
     for name, (sub, help_text) in subcommands.items():
         commands.add_subcommand(name, sub, help=help_text)
+    segment_command.add_actions(subcommands["segment"][0])  # after its parent is added
     return parser, {name: sub for name, (sub, _) in subcommands.items()}
 
 
@@ -498,6 +513,7 @@ COMMANDS = {
     "certify": cmd_certify,
     "attention": cmd_attention,
     "demo": demo,
+    "segment": segment,
 }
 
 

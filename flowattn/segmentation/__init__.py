@@ -1,15 +1,18 @@
-"""Dense prediction with attention: camouflaged object detection data (work in progress,
-issue 32: the experiment and the command line are not here yet).
+"""Dense prediction with attention: camouflaged object detection (COD).
 
 * :mod:`~flowattn.segmentation.camouflage`: a camouflage dataset made here, no download.
 * :mod:`~flowattn.segmentation.folders`: the real COD sets (``Imgs/`` and ``GT/``).
 * :mod:`~flowattn.segmentation.metrics`: the COD metrics, by ``pysodmetrics``.
 * :mod:`~flowattn.segmentation.network`: an encoder-decoder with an attention slot.
 * :mod:`~flowattn.segmentation.loss`: weighted BCE + weighted IoU.
+* :mod:`~flowattn.segmentation.fit`: training, prediction, checkpoints.
+
+The experiment is ``experiments/dense.py``; the command is ``flowattn segment``.
 """
 
 from .camouflage import camouflage, camouflage_split
-from .folders import load_cod_folder
+from .fit import evaluate, load_segmenter, predict, save_segmenter, train
+from .folders import load_cod_folder, segmentation_set
 from .loss import structure_loss
 from .metrics import CODScores, cod_scores
 from .network import AttentionSlot, SegmentationNet, slot_names
@@ -21,7 +24,13 @@ __all__ = [
     "camouflage",
     "camouflage_split",
     "cod_scores",
+    "evaluate",
     "load_cod_folder",
+    "load_segmenter",
+    "predict",
+    "save_segmenter",
+    "segmentation_set",
     "slot_names",
     "structure_loss",
+    "train",
 ]

@@ -13,7 +13,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["MASK_SUFFIXES", "SPLIT_FOLDERS", "load_cod_folder"]
+__all__ = ["MASK_SUFFIXES", "SPLIT_FOLDERS", "load_cod_folder", "segmentation_set"]
 
 from pathlib import Path
 
@@ -104,3 +104,25 @@ def load_cod_folder(
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     m = torch.from_numpy(np.stack(masks))[:, None]
     return x, m, [f.stem for f in files]
+
+
+def segmentation_set(
+    dataset: str | Path, split: str, size: int | None = 32
+) -> tuple[Tensor, Tensor]:
+    """Images and masks of a segmentation set: ``camouflage`` (the embedded set of
+    :func:`~flowattn.segmentation.camouflage_split`, made at ``size``, default 32) or the
+    path of a COD set folder (:func:`load_cod_folder`, resized to ``size`` unless None).
+
+    Returns:
+        ``images`` uint8 (N, 3, H, W) and ``masks`` bool (N, 1, H, W).
+    """
+    if str(dataset) == "camouflage":
+        from .camouflage import camouflage_split
+
+        return camouflage_split(split, 32 if size is None else size)
+    if not Path(dataset).exists():
+        raise DatasetNotFoundError(
+            f"no dataset {str(dataset)!r}: give 'camouflage' or the folder of a COD set"
+        )
+    images, masks, _ = load_cod_folder(dataset, split, size=size)
+    return images, masks

@@ -110,6 +110,17 @@ class SegmentationNet(nn.Module):
 
     def __init__(self, attention: str = "none", width: int = 16, in_channels: int = 3):
         super().__init__()
+        if (
+            not isinstance(width, int)
+            or width < 1
+            or not isinstance(in_channels, int)
+            or in_channels < 1
+        ):
+            raise ValueError(
+                "width and in_channels must be positive integers, "
+                f"got {width!r} and {in_channels!r}"
+            )
+        self.width, self.in_channels = width, in_channels
         w = width
         self.stem = _block(in_channels, w)
         self.down = nn.ModuleList([_block(w, 2 * w, 2), _block(2 * w, 4 * w, 2),
@@ -117,6 +128,12 @@ class SegmentationNet(nn.Module):
         self.attention = AttentionSlot(attention, 4 * w)
         self.up = nn.ModuleList([_block(8 * w, 4 * w), _block(6 * w, 2 * w), _block(3 * w, w)])
         self.head = nn.Conv2d(w, 1, 1)
+
+    def settings(self) -> dict[str, str | int]:
+        """The constructor's arguments: ``SegmentationNet(**net.settings())`` builds
+        the same network (untrained)."""
+        return {"attention": self.attention.name, "width": self.width,
+                "in_channels": self.in_channels}  # fmt: skip
 
     def bottleneck(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """The features the slot sees (B, 4 width, S/8, S/8), and the skips."""
