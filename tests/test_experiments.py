@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import attention_ablation  # noqa: E402
 import common  # noqa: E402
+import dense  # noqa: E402
 import density  # noqa: E402
 import invertibility  # noqa: E402
 
@@ -256,3 +257,40 @@ def test_attention_ablation_end_to_end_and_resume(tmp_path, capsys):
     assert "seed 0:" not in capsys.readouterr().out  # nothing trained again
     with pytest.raises(SystemExit, match="another setting"):
         attention_ablation.main([*argv[:-2], "--steps", "5", "--out", str(tmp_path)])
+
+
+def test_dense_experiment_end_to_end_and_resume(tmp_path, capsys):
+    """Both budgets are scored per run with the COD metrics, the paired S differences in
+    the table are those of the per-image values, the first seed's maps are drawn, costs
+    are reported, and a second call trains nothing."""
+    import json
+
+    argv = ["--train_images", "32", "--test_images", "12", "--width", "4",
+            "--variants", "[none, invertible:dot, nonlocal]", "--seeds", "[0, 1]",
+            "--steps", "3", "--seconds", "0.2", "--batch_size", "8",
+            "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]  # fmt: skip
+    dense.main(argv)
+    runs = json.loads((tmp_path / "dense.json").read_text())["runs"]
+    assert len(runs) == 6
+    for run in runs.values():
+        assert run["steps"]["step"] == 3 and run["time"]["seconds"] >= 0.2
+        assert len(run["steps"]["per_image_s"]) == 12 and 0 < run["saved_mib"]
+        assert set(dense.METRICS) <= set(run["steps"])
+    assert len(runs["none|0"]["time"]["maps"]) == dense.SHOWN and "maps" not in runs["none|1"]
+    per_seed = [
+        sum(a - b for a, b in zip(runs[f"invertible:dot|{s}"]["steps"]["per_image_s"],
+                                  runs[f"nonlocal|{s}"]["steps"]["per_image_s"], strict=True)) / 12
+        for s in (0, 1)
+    ]  # fmt: skip
+    table = (tmp_path / "dense.md").read_text()
+    steps_table = table.split("### Equal steps")[1].split("### Equal time")[0]
+    (row,) = [line for line in steps_table.splitlines() if line.startswith("| invertible:dot")]
+    assert f"{sum(per_seed) / 2:+.4f}" in row.split("|")[9]
+    assert "saved for backward" in table
+    with Image.open(tmp_path / "predictions.png") as image:
+        assert image.size[0] > image.size[1] / 2  # 8 columns, 5 rows
+    capsys.readouterr()
+    dense.main(argv)
+    assert "seed 0:" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not among the variants"):
+        dense.main([*argv, "--reference", "sagan"])

@@ -90,3 +90,16 @@ def test_not_a_set_folder(tmp_path):
     (tmp_path / "GT").mkdir()
     with pytest.raises(DatasetNotFoundError, match="no images"):
         load_cod_folder(tmp_path)
+
+
+def test_segmentation_set_by_name_or_folder(tmp_path):
+    from flowattn.segmentation import camouflage_split, segmentation_set
+
+    images, masks = segmentation_set("camouflage", "test", 32)
+    expected = camouflage_split("test", 32)
+    assert torch.equal(images, expected[0]) and torch.equal(masks, expected[1])
+    _write_set(tmp_path / "COD" / "TestDataset")
+    images, masks = segmentation_set(tmp_path / "COD", "test", 16)
+    assert images.shape == (3, 3, 16, 16) and masks.shape == (3, 1, 16, 16)
+    with pytest.raises(DatasetNotFoundError, match="give 'camouflage' or the folder"):
+        segmentation_set(tmp_path / "missing", "test")
