@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import DataConfig, ensure_dir, parse_config, quiet_known_warnings, set_threads
+from common import DataConfig, ensure_dir, parse_config, set_threads, user_errors
 from tqdm.auto import tqdm
 
 from flowattn.capacity import budget_use
@@ -315,11 +315,8 @@ def run(config: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     config, _ = parse_config(Config, argv, __doc__.splitlines()[0])
-    quiet_known_warnings()
-    try:
+    with user_errors():
         run(config)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

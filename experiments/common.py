@@ -10,8 +10,10 @@ the 0.1 spellings ``--batch-size`` and ``--models a,b`` still work), and flags a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,12 +34,13 @@ def parse_config(
     """The settings of the dataclass ``cls`` from a command line: ``--config FILE.toml``
     and one flag per field (flowattn's config layer, :mod:`flowattn.configs`), and the
     parsed namespace, which also holds ``extra``: on/off flags that are not settings
-    (name: help). Errors exit with one line."""
+    (name: help). Errors exit with one line. Silences :func:`quiet_known_warnings`."""
     import sys
 
     parser = config_parser(cls, description=description)
     for name, help_text in extra.items():
         parser.add_argument(f"--{name}", action="store_true", help=help_text)
+    quiet_known_warnings()
     argv = modern_argv(sys.argv[1:] if argv is None else list(argv), cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     try:
@@ -46,6 +49,16 @@ def parse_config(
     except (ArgumentError, ConfigError) as error:
         raise SystemExit(f"error: {one_line(error, fields)}") from None
     return config, args
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turns the errors of bad settings or missing data (``FileNotFoundError``,
+    ``ValueError``) into a one-line exit, as every experiment's ``main`` does."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def read_config(cls: type[T], path: str | Path) -> T:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import ensure_dir, parse_config, quiet_known_warnings, set_threads
+from common import ensure_dir, parse_config, set_threads, user_errors
 from tqdm.auto import tqdm
 
 from flowattn.runs import resolve_device
@@ -288,11 +288,8 @@ def run(config: Config) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     config, _ = parse_config(Config, argv, __doc__.splitlines()[0])
-    quiet_known_warnings()
-    try:
+    with user_errors():
         run(config)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

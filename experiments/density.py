@@ -46,8 +46,8 @@ from common import (
     describe_size,
     ensure_dir,
     parse_config,
-    quiet_known_warnings,
     set_threads,
+    user_errors,
 )
 
 from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_values_difference
@@ -414,11 +414,8 @@ def run(config: Config) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     config, _ = parse_config(Config, argv, __doc__.splitlines()[0])
-    quiet_known_warnings()
-    try:
+    with user_errors():
         run(config)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

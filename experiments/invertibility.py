@@ -43,8 +43,8 @@ from common import (
     describe_size,
     ensure_dir,
     parse_config,
-    quiet_known_warnings,
     set_threads,
+    user_errors,
 )
 from nflows.transforms import SqueezeTransform
 from torch import Tensor, nn
@@ -363,11 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     config, args = parse_config(
         Config, argv, __doc__.splitlines()[0], **{"no-progress": "no progress bar"}
     )
-    quiet_known_warnings()
-    try:
+    with user_errors():
         run(config, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":
