@@ -26,6 +26,7 @@ from jsonargparse import ArgumentParser
 from nflows.transforms import SqueezeTransform
 
 from . import configs
+from .data import IMAGE_SUFFIXES
 from .errors import ConfigError, first_line
 from .models import EXACT_MAX_DIMS
 from .transforms import KINDS, PAPER_KINDS, ConvergenceWarning, invertible_attention
@@ -105,7 +106,6 @@ class UsageError(ConfigError):
 
 
 MAX_SAMPLES = 10_000  # samples of one `flowattn sample` grid (all held in memory)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _count(text: str) -> int:

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 from .errors import ConfigError
 
 DATASETS = ("digits", "camouflage", "cifar10", "svhn", "celeba", "npz", "folder")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 _SPLITS = {
     "digits": ("train", "test"),
     "cifar10": ("train", "test"),

@@ -222,3 +222,18 @@ def test_camouflage_images_by_name_are_the_segmentation_sets():
     assert load_dataset("camouflage", "train", image_size=64)[0][0].shape == (3, 64, 64)
     with pytest.raises(ValueError, match="unknown split .valid. for camouflage"):
         load_dataset("camouflage", "valid")
+
+
+def test_an_image_folder_reads_every_suffix_the_package_writes_and_lists(tmp_path):
+    """One suffix list: each listed format, written by PIL as a real file, is read back
+    (lossless formats exactly)."""
+    from flowattn.data import IMAGE_SUFFIXES
+
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for i, suffix in enumerate(IMAGE_SUFFIXES):
+        Image.fromarray(pixels).save(tmp_path / f"{i}{suffix}")
+    images = stack_images(load_dataset(tmp_path))
+    assert len(images) == len(IMAGE_SUFFIXES)
+    for i, suffix in enumerate(IMAGE_SUFFIXES):
+        if suffix not in (".jpg", ".jpeg", ".webp"):  # lossy by default
+            assert torch.equal(images[i], torch.from_numpy(pixels).permute(2, 0, 1)), suffix
