@@ -234,7 +234,7 @@ def write_predictions(state: dict, config: Config, data: dict, path: Path) -> No
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"predicted maps at the equal-time budget, seed {config.seeds[0]}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
