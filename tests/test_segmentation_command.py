@@ -71,3 +71,30 @@ def test_a_density_checkpoint_is_not_a_segmenter(tmp_path, capsys):
     save_checkpoint({"step": 1}, tmp_path / "checkpoint.pt")
     assert main(["segment", "eval", str(tmp_path / "checkpoint.pt")]) == 2
     assert "not a segmenter checkpoint" in capsys.readouterr().err
+
+
+def _write_cod_set(folder, n: int, rng) -> None:
+    """A real COD layout: JPEG images in Imgs/, PNG masks in GT/."""
+    (folder / "Imgs").mkdir(parents=True)
+    (folder / "GT").mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
+            folder / "Imgs" / f"{i}.jpg"
+        )
+        mask = np.zeros((24, 40), np.uint8)
+        mask[5:15, 10:30] = 255
+        Image.fromarray(mask).save(folder / "GT" / f"{i}.png")
+
+
+def test_train_and_eval_on_a_real_cod_folder(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    _write_cod_set(tmp_path / "COD" / "TrainDataset", 6, rng)
+    _write_cod_set(tmp_path / "COD" / "TestDataset", 4, rng)
+    out = tmp_path / "run"
+    args = ["segment", "train", "--dataset", str(tmp_path / "COD"), "--image-size", "16",
+            "--steps", "2", "--width", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "6 images of (3, 16, 16)" in printed and "test (4 images)" in printed
+    assert main(["segment", "eval", str(out)]) == 0
+    assert f"{tmp_path / 'COD'} test (4 images)" in capsys.readouterr().out
