@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import DataConfig, ensure_dir, parse_config, set_threads, user_errors
+from common import DataConfig, ensure_dir, parse_config, resume_state, set_threads, user_errors
 from tqdm.auto import tqdm
 
 from flowattn.capacity import budget_use
@@ -289,11 +289,7 @@ def run(config: Config) -> dict:
         f"thread(s), {device}; torch {torch.__version__}."
     )
     saved = out / "ablation.json"
-    state = {"header": header, "runs": {}}
-    if saved.is_file():
-        state = json.loads(saved.read_text())
-        if state["header"] != header:
-            raise SystemExit(f"error: {saved} holds another setting:\n  {state['header']}")
+    state = resume_state(saved, header)
     print(header, flush=True)
     for seed in config.seeds:
         for spec in config.models:

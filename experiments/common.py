@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,18 @@ def set_threads(threads: int) -> None:
     process (flowattn itself avoids batched LU)."""
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+
+
+def resume_state(path: Path, header: str) -> dict:
+    """The state of a resumable experiment: ``{"header": header, "runs": {...}}`` read from
+    the JSON file at ``path`` if there is one (its runs are kept), else a new one. A file
+    written with another setting (another header) is an error: it would mix settings."""
+    if not path.is_file():
+        return {"header": header, "runs": {}}
+    state = json.loads(path.read_text())
+    if state.get("header") != header:
+        raise SystemExit(f"error: {path} holds another setting:\n  {state.get('header')}")
+    return state
 
 
 def describe_size(image_size: int) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import ensure_dir, parse_config, set_threads, user_errors
+from common import ensure_dir, parse_config, resume_state, set_threads, user_errors
 from tqdm.auto import tqdm
 
 from flowattn.runs import resolve_device
@@ -264,11 +264,7 @@ def run(config: Config) -> dict:
         f"{config.width}; {config.threads} thread(s), {device}; torch {torch.__version__}."
     )
     saved = out / "dense.json"
-    state = {"header": header, "runs": {}}
-    if saved.is_file():
-        state = json.loads(saved.read_text())
-        if state["header"] != header:
-            raise SystemExit(f"error: {saved} holds another setting:\n  {state['header']}")
+    state = resume_state(saved, header)
     print(header, flush=True)
     todo = [
         (v, s) for s in config.seeds for v in config.variants if f"{v}|{s}" not in state["runs"]
