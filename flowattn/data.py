@@ -423,9 +423,9 @@ def load_dataset(
     if name == "digits":
         return _digits(split)
     if name == "camouflage":
-        from .segmentation.camouflage import camouflage_split
+        from .segmentation.folders import segmentation_set
 
-        images, _ = camouflage_split(split, 32 if image_size is None else image_size)
+        images, _ = segmentation_set("camouflage", split, image_size)
         return ImageTensorDataset(images, name="camouflage")
     if name == "npz":
         return _npz(root, split, key)

@@ -23,7 +23,8 @@ from jsonargparse import ArgumentParser, Namespace
 from ..data import IMAGE_SUFFIXES, DataError
 from ..errors import ConfigError
 from .fit import evaluate, load_segmenter, predict, save_segmenter, train
-from .folders import segmentation_set
+from .folders import read_image, segmentation_set
+from .metrics import cod_scores
 from .network import SegmentationNet, slot_names
 
 CHECKPOINT = "segmenter.pt"
@@ -77,8 +78,9 @@ def segment_train(args: Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_segmenter(net, out / CHECKPOINT, dataset=str(args.dataset),
                    image_size=int(images.shape[-1]), steps=len(losses))  # fmt: skip
-    _print_scores(evaluate(net, test_images, test_masks), f"test ({len(test_images)} images)")
-    _write_figure(test_images, test_masks, predict(net, test_images[:8]), out / "predictions.png")
+    maps = predict(net, test_images)
+    _print_scores(cod_scores(maps, test_masks), f"test ({len(test_images)} images)")
+    _write_figure(test_images, test_masks, maps, out / "predictions.png")
     print(f"wrote {out / CHECKPOINT} and {out / 'predictions.png'} "
           "(rows: images, ground truth, predicted maps)")  # fmt: skip
     return 0
@@ -108,25 +110,22 @@ def _image_files(paths: list[str]) -> list[Path]:
 
 def segment_predict(args: Namespace) -> int:
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     net, meta = load_segmenter(_model_path(args.model), device=args.device)
     size = meta["image_size"]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    for file in _image_files(args.images):
-        try:
-            with Image.open(file) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"cannot read {file}: {error}") from None
+    files = _image_files(args.images)
+    for file in files:
+        rgb = np.asarray(read_image(file, "RGB"))
         x = torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float() / 255
         small = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         p = F.interpolate(predict(net, small.clamp(0, 1)), size=x.shape[-2:], mode="bilinear")
         p = p > args.threshold if args.threshold is not None else p
         grey = (p[0, 0].double() * 255).round().to(torch.uint8).numpy()
         Image.fromarray(grey).save(out / f"{file.stem}.png")
-    print(f"wrote {len(_image_files(args.images))} maps to {out}/ (PNG, object = white)")
+    print(f"wrote {len(files)} maps to {out}/ (PNG, object = white)")
     return 0
 
 

@@ -94,12 +94,12 @@ def train(
         flip = (torch.rand(len(index), generator=generator) < 0.5)[:, None, None, None]
         x, m = torch.where(flip, x.flip(-1), x), torch.where(flip, m.flip(-1), m)
         loss = structure_loss(net(x.to(device)), m.to(device))
+        losses.append(loss.item())
+        if not torch.isfinite(loss):  # before the update, so the weights stay finite
+            raise FloatingPointError(f"the loss is {losses[-1]} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {float(loss)} at step {step}")
         if after_step is not None and after_step(step, losses[-1]):
             break
     net.eval()
@@ -126,7 +126,8 @@ def evaluate(net: SegmentationNet, images: Tensor, masks: Tensor) -> CODScores:
 
 def save_segmenter(net: SegmentationNet, path: str | Path, **meta: Any) -> Path:
     """Writes ``net`` (its slot, width and weights) and ``meta`` (numbers, strings)."""
-    state = {"kind": KIND, **net.settings(), "meta": meta, "state_dict": net.state_dict()}
+    state = {"kind": KIND, "settings": net.settings(), "meta": meta,
+             "state_dict": net.state_dict()}  # fmt: skip
     return save_checkpoint(state, path, keep_previous=False)
 
 
@@ -141,6 +142,6 @@ def load_segmenter(
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a segmenter checkpoint (a density model's?)")
-    net = SegmentationNet(state["attention"], state["width"], state["in_channels"])
+    net = SegmentationNet(**state["settings"])
     net.load_state_dict(state["state_dict"])
     return net.to(device).eval(), state["meta"]

@@ -47,7 +47,8 @@ def _set_folder(path: Path, split: str | None) -> Path:
     )
 
 
-def _open(file: Path, mode: str) -> Image.Image:
+def read_image(file: Path, mode: str) -> Image.Image:
+    """The image file converted to PIL ``mode``; an unreadable file is a DataError."""
     try:
         with Image.open(file) as im:
             return im.convert(mode)
@@ -85,7 +86,7 @@ def load_cod_folder(
         mask_file = next((m for m in mask_files if m.is_file()), None)
         if mask_file is None:
             raise DataError(f"{file.name} has no mask: expected {mask_files[0]}")
-        image, mask = _open(file, "RGB"), _open(mask_file, "L")
+        image, mask = read_image(file, "RGB"), read_image(mask_file, "L")
         if image.size != mask.size:
             raise DataError(
                 f"{file.name} is {image.size[0]}x{image.size[1]} but its mask "
