@@ -43,7 +43,7 @@ from flowattn.runs import resolve_device
 from flowattn.segmentation import SegmentationNet, cod_scores, predict, segmentation_set, train
 from flowattn.segmentation.fit import as_input
 from flowattn.segmentation.loss import structure_loss
-from flowattn.transforms import KINDS, PAPER_KINDS
+from flowattn.segmentation.network import slot_names
 
 SHOWN = 8  # test images in the prediction figure
 
@@ -71,17 +71,7 @@ class Config:
     image_size: int = 32
     train_images: int = 0
     test_images: int = 0
-    variants: list[str] = field(
-        default_factory=lambda: [
-            "none",
-            *(f"invertible:{k}" for k in KINDS),
-            *(f"faithful:{k}" for k in PAPER_KINDS),
-            "nonlocal",
-            "sagan",
-            "external",
-            "cbam",
-        ]
-    )
+    variants: list[str] = field(default_factory=slot_names)
     reference: str = "nonlocal"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 600

@@ -52,14 +52,13 @@ from common import (
 
 from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_values_difference
 from flowattn.models import ModelConfig, build_model
-from flowattn.nn.lipschitz_attention import KINDS
+from flowattn.nn.attention_kinds import KINDS, parse_variant
 from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
 from flowattn.training import Every, NonFiniteLossError, Trainer
 from flowattn.transforms import ConvergenceWarning
 
 MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
-FAITHFUL = "faithful:"  # iresnet-attn:faithful:dot is the paper's uncertified dot kind
 SIGNIFICANT_Z = 2.0  # a paired difference this many standard errors from zero
 
 
@@ -119,11 +118,11 @@ def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> Mod
     spec, _, estimator = spec.partition("@")
     preset, _, attention = spec.partition(":")
     options = {"preset": preset, "image_shape": image_shape, **config.model}
-    if attention.startswith(FAITHFUL):
-        attention = attention.removeprefix(FAITHFUL)
-        options["attention_certified"] = False
     if attention:
-        options["attention"] = attention
+        kind, certified = parse_variant(attention)  # iresnet-attn:faithful:dot: uncertified
+        options["attention"] = kind.name
+        if not certified:
+            options["attention_certified"] = False
     if estimator:
         options["estimator"] = estimator
     return ModelConfig.from_dict(options)

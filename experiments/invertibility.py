@@ -51,17 +51,15 @@ from torch import Tensor, nn
 
 from flowattn.lipschitz import jacobian_spectral_norm
 from flowattn.metrics import reconstruction_error
+from flowattn.nn import attention_kinds
 from flowattn.nn import baselines as ordinary
-from flowattn.nn.lipschitz_attention import CERTIFIED_KINDS, PAPER_KINDS
+from flowattn.nn.lipschitz_attention import SIMILARITIES
 from flowattn.plots import save_grid
 from flowattn.transforms import ResidualTransform, invertible_attention
 
 ORDINARY = {
     "sagan": ordinary.SelfAttention2d,
-    **{
-        f"nonlocal:{kind}": partial(ordinary.NonLocal2d, kind=kind)
-        for kind in ordinary.NonLocal2d.KINDS
-    },
+    **{f"nonlocal:{kind}": partial(ordinary.NonLocal2d, kind=kind) for kind in SIMILARITIES},
     "external2d": ordinary.ExternalAttention2d,
     "external2d:heads": partial(ordinary.ExternalAttention2d, heads=4),
     "mhsa": partial(ordinary.MultiHeadSelfAttention2d, heads=4),
@@ -69,9 +67,12 @@ ORDINARY = {
     "dnl": ordinary.DisentangledNonLocal2d,
     "criss-cross": ordinary.CrissCrossAttention2d,
 }
-# The paper's kinds twice: the faithful reproduction and the certified version.
-FAITHFUL = tuple(f"faithful:{kind}" for kind in PAPER_KINDS)
-VARIANTS = (*FAITHFUL, *PAPER_KINDS, *CERTIFIED_KINDS, *ORDINARY)
+# The paper's kinds twice (the faithful reproduction and the certified version), the
+# other certified kinds, and the ordinary modules.
+PREFIX = attention_kinds.FAITHFUL_PREFIX
+FAITHFUL = tuple(v for v in attention_kinds.VARIANTS if v.startswith(PREFIX))
+INVERTIBLE = (*FAITHFUL, *(v for v in attention_kinds.VARIANTS if v not in FAITHFUL))
+VARIANTS = (*INVERTIBLE, *ORDINARY)
 
 
 class AttentionTerm(nn.Module):
@@ -90,9 +91,9 @@ def group_of(variant: str) -> str:
     """``paper (faithful)``, ``paper (certified)``, ``certified`` or ``ordinary``."""
     if variant in FAITHFUL:
         return "paper (faithful)"
-    if variant in PAPER_KINDS:
+    if variant in attention_kinds.PAPER_KINDS:
         return "paper (certified)"
-    return "certified" if variant in CERTIFIED_KINDS else "ordinary"
+    return "ordinary" if variant in ORDINARY else "certified"
 
 
 def build_step(variant: str, channels: int, coeff: float) -> ResidualTransform:
@@ -101,11 +102,9 @@ def build_step(variant: str, channels: int, coeff: float) -> ResidualTransform:
         return ResidualTransform(ordinary.CBAM(channels))
     if variant in ORDINARY:
         return ResidualTransform(AttentionTerm(ORDINARY[variant](channels)))
-    if variant in FAITHFUL:
-        kind = variant.removeprefix("faithful:")
-        return invertible_attention(kind, channels, certified=False, coeff=coeff)
-    if variant in VARIANTS:
-        return invertible_attention(variant, channels, coeff=coeff)
+    if variant in INVERTIBLE:
+        kind, certified = attention_kinds.parse_variant(variant)
+        return invertible_attention(kind.name, channels, certified=certified, coeff=coeff)
     raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 

@@ -29,7 +29,8 @@ from . import configs
 from .data import IMAGE_SUFFIXES
 from .errors import ConfigError, first_line
 from .models import EXACT_MAX_DIMS
-from .transforms import KINDS, PAPER_KINDS, ConvergenceWarning, invertible_attention
+from .nn.attention_kinds import VARIANTS, parse_variant
+from .transforms import ConvergenceWarning, invertible_attention
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -52,12 +53,10 @@ def demo(args: argparse.Namespace) -> int:
         f"{'max err (levels)':>17} {'exact pixels':>13}"
     )
     rows = [x]
-    variants = [*(f"faithful:{k}" for k in PAPER_KINDS), *KINDS]
-    for variant in variants:
-        kind = variant.removeprefix("faithful:")
-        certified = not variant.startswith("faithful:")
+    for variant in VARIANTS:
+        kind, certified = parse_variant(variant)
         step = invertible_attention(
-            kind,
+            kind.name,
             z.shape[1],
             certified=certified,
             max_iter=args.max_iter,
@@ -83,7 +82,9 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_grid(rows, out)
-    print(f"wrote {out}: first row inputs, then one row of reconstructions per kind {variants}")
+    print(
+        f"wrote {out}: first row inputs, then one row of reconstructions per kind {list(VARIANTS)}"
+    )
     return 0
 
 

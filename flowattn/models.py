@@ -84,8 +84,8 @@ from .logdet import (
 )
 from .metrics import BitsPerDim, bits_per_dim, summarize_bits_per_dim
 from .names import check_names, closest
+from .nn.attention_kinds import KINDS, PAPER_KINDS
 from .nn.conv_branch import ACTIVATIONS, ConvResidualBranch
-from .nn.lipschitz_attention import CERTIFIED_KINDS, KINDS
 from .solvers import SOLVERS
 from .transforms.attention_step import invertible_attention
 from .transforms.glow import glow_step
@@ -285,6 +285,13 @@ class ModelConfig:
                     f"preset {self.preset!r} takes an invertible attention kind "
                     f"({', '.join(KINDS)}) or none, got {self.attention!r}"
                 )
+            uncertified = self.attention is not None and not self.attention_certified
+            if uncertified and self.attention not in PAPER_KINDS:
+                raise ConfigError(
+                    f"attention kind {self.attention!r} has no uncertified form: "
+                    "attention_certified = false is for the paper's kinds "
+                    f"({', '.join(PAPER_KINDS)})"
+                )
             if self.extra_step not in (None, *EXTRA_STEPS):
                 raise ConfigError(
                     f"extra_step must be one of {', '.join(EXTRA_STEPS)} or none, "
@@ -333,8 +340,7 @@ def _residual_level(
         steps += conv_block()
     here = level == config.attention_scale
     if here and config.attention is not None:
-        certified = config.attention in CERTIFIED_KINDS or config.attention_certified
-        if certified or config.estimator != "roulette":
+        if config.attention_certified or config.estimator != "roulette":
             attention_estimator = estimator(config.attention_coeff)
         else:
             # A faithful (uncertified) paper kind can be far from contractive: the full

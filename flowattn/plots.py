@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .models import DensityModel
 from .nn.baselines import SelfAttention2d
-from .nn.lipschitz_attention import AttentionBranch, ExternalAttention, PaperAttention
+from .nn.lipschitz_attention import AttentionBranch, ExternalAttention
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 8, min_side: int = 32) -> Path:
@@ -55,10 +55,7 @@ def _maps(module: nn.Module, x: Tensor, queries: list[int]) -> tuple[list[Tensor
         return [a[:, s].reshape(h, w) for s in range(len(queries))], [
             f"slot {s}" for s in range(len(queries))
         ]
-    if isinstance(module, PaperAttention):  # (N_i, N_j): output j mixes inputs i
-        maps = [a[:, q].reshape(h, w) for q in queries]
-    else:  # (N_query, N_key)
-        maps = [a[q].reshape(h, w) for q in queries]
+    maps = [a[q].reshape(h, w) for q in queries]  # (N_query, N_key)
     return maps, [f"query ({q // w}, {q % w})" for q in queries]
 
 

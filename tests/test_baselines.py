@@ -44,9 +44,10 @@ from flowattn.nn.baselines import (  # noqa: E402
     MultiHeadSelfAttention2d,
     NonLocal2d,
 )
+from flowattn.nn.lipschitz_attention import SIMILARITIES  # noqa: E402
 
 BASELINES = [
-    *[(NonLocal2d, {"kind": k}) for k in NonLocal2d.KINDS],
+    *[(NonLocal2d, {"kind": k}) for k in SIMILARITIES],
     (ExternalAttention2d, {"heads": 1}),
     (ExternalAttention2d, {"heads": 4}),
     (MultiHeadSelfAttention2d, {"heads": 2}),

@@ -29,7 +29,7 @@ import torch
 from measure import interleaved_times, median_ratio_ci, synchronizer
 
 from flowattn.models import build_model
-from flowattn.nn.lipschitz_attention import KINDS
+from flowattn.nn.attention_kinds import KINDS
 from flowattn.training import Trainer
 
 TARGET = 0.30

@@ -53,7 +53,7 @@ from measure import (
 )
 
 from flowattn import invertible_attention
-from flowattn.transforms import KINDS, PAPER_KINDS
+from flowattn.nn.attention_kinds import KINDS, PAPER_KINDS
 
 GRADIENTS = ("neumann", "backprop")
 # the backward passes whose peak memory is measured (certified steps)

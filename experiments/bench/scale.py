@@ -1,7 +1,7 @@
 """How the training step of ``iresnet-attn`` grows with the image size, per attention kind.
 
 For each image side S (default 16, 32, 64: CelebA-64 sized at the top) and each attention
-kind (``external`` and the paper's four kinds, certified), a model ``iresnet-attn`` on
+kind (every registered kind, certified), a model ``iresnet-attn`` on
 3 x S x S images (2 scales x 2 blocks, 16 hidden channels, the attention step at the end
 of the first scale, on N = (S/2)^2 tokens of 12 channels) and the same model without
 attention (``iresnet``) take training steps (forward, backward, Adam) on random 8-bit
@@ -44,9 +44,8 @@ from measure import (
 )
 
 from flowattn.models import build_model
+from flowattn.nn.attention_kinds import KINDS
 from flowattn.training import Trainer
-
-KINDS = ("external", "gaussian", "embedded_gaussian", "dot", "concat")
 
 
 def build(kind: str, size: int, hidden: int, estimator: str):

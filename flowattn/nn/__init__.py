@@ -5,6 +5,7 @@
 * :mod:`~flowattn.nn.lipschitz_attention`: attention branches for invertible residual
   steps (the paper's faithful kinds, external and l2 attention).
 * :mod:`~flowattn.nn.certified_paper_attention`: the paper's four kinds, certified.
+* :mod:`~flowattn.nn.attention_kinds`: the registry of invertible attention kinds.
 * :mod:`~flowattn.nn.coupling_nets`: Glow's coupling conditioner (optionally with
   attention).
 * :mod:`~flowattn.nn.baselines`: ordinary, non-invertible attention modules.
@@ -12,13 +13,12 @@
 The flow steps that use these networks are in :mod:`flowattn.transforms`.
 """
 
+from .attention_kinds import KINDS, PAPER_KINDS, VARIANTS, AttentionKind, attention_kind
 from .certified_paper_attention import CertifiedPaperAttention
 from .conv_branch import ACTIVATIONS, ConvResidualBranch, LipSwish
 from .coupling_nets import ConditionerFactory, CouplingConditioner
 from .lipschitz_attention import (
-    CERTIFIED_KINDS,
-    KINDS,
-    PAPER_KINDS,
+    SIMILARITIES,
     AttentionBranch,
     BoundedOutputBranch,
     ExternalAttention,
@@ -29,8 +29,8 @@ from .lipschitz_attention import (
 __all__ = [
     "ACTIVATIONS",
     "AttentionBranch",
+    "AttentionKind",
     "BoundedOutputBranch",
-    "CERTIFIED_KINDS",
     "CertifiedPaperAttention",
     "ConditionerFactory",
     "ConvResidualBranch",
@@ -41,4 +41,7 @@ __all__ = [
     "LipSwish",
     "PAPER_KINDS",
     "PaperAttention",
+    "SIMILARITIES",
+    "VARIANTS",
+    "attention_kind",
 ]

@@ -24,6 +24,8 @@ __all__ = [
 import torch
 from torch import Tensor, nn
 
+from .lipschitz_attention import SIMILARITIES
+
 
 def _check_images(x: Tensor) -> None:
     if x.dim() != 4:
@@ -98,12 +100,10 @@ class NonLocal2d(nn.Module):
         torch.Size([2, 8, 4, 4])
     """
 
-    KINDS = ("gaussian", "embedded_gaussian", "dot", "concat")
-
     def __init__(self, channels: int, kind: str = "embedded_gaussian", reduction: int = 2):
         super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(self.KINDS)}")
+        if kind not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {kind!r}; valid: {', '.join(SIMILARITIES)}")
         inner = max(1, channels // reduction)
         self.kind = kind
         self.g = nn.Conv2d(channels, inner, 1, bias=False)

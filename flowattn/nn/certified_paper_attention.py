@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from ..lipschitz import inf_norm
 from .lipschitz_attention import (
-    EXPONENTIAL_KINDS,
-    PAPER_KINDS,
+    EXPONENTIAL,
+    SIMILARITIES,
     BoundedOutputBranch,
     _mix_and_total,
     _paper_similarities,
@@ -80,8 +80,8 @@ class CertifiedPaperAttention(BoundedOutputBranch):
 
     def __init__(self, channels: int, kind: str, coeff: float = 0.9, reduction: int = 4):
         super().__init__(channels, coeff)
-        if kind not in PAPER_KINDS:
-            raise ValueError(f"unknown paper kind {kind!r}; valid: {', '.join(PAPER_KINDS)}")
+        if kind not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {kind!r}; valid: {', '.join(SIMILARITIES)}")
         if reduction < 1:
             raise ValueError(f"reduction must be positive, got {reduction}")
         self.kind = kind
@@ -122,7 +122,7 @@ class CertifiedPaperAttention(BoundedOutputBranch):
         concat = self.concat.weight if self.kind == "concat" else None
         theta, phi = getattr(self, "theta", None), getattr(self, "phi", None)
         energy = _paper_similarities(self.kind, u, theta, phi, concat)
-        return energy, self.kind in EXPONENTIAL_KINDS
+        return energy, self.kind in EXPONENTIAL
 
     def forward(self, x: Tensor) -> Tensor:
         u = torch.tanh(self._check(x))  # (B, N, C)

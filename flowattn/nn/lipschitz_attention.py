@@ -34,12 +34,10 @@ from __future__ import annotations
 __all__ = [
     "AttentionBranch",
     "BoundedOutputBranch",
-    "CERTIFIED_KINDS",
     "ExternalAttention",
-    "KINDS",
     "L2SelfAttention",
-    "PAPER_KINDS",
     "PaperAttention",
+    "SIMILARITIES",
 ]
 
 import math
@@ -51,10 +49,9 @@ from torch import Tensor, nn
 
 from ..lipschitz import ConstrainedLinear, SpectralRescale, inf_norm, jacobian_spectral_norm
 
-PAPER_KINDS = ("gaussian", "embedded_gaussian", "dot", "concat")
-EXPONENTIAL_KINDS = ("gaussian", "embedded_gaussian")  # normalised by their sums as a softmax
-CERTIFIED_KINDS = ("external", "l2")
-KINDS = PAPER_KINDS + CERTIFIED_KINDS
+SIMILARITIES = ("gaussian", "embedded_gaussian", "dot", "concat")
+"""The paper's four pairwise similarities (its attention kinds, after Wang et al., 2018)."""
+EXPONENTIAL = ("gaussian", "embedded_gaussian")  # normalised by their sums as a softmax
 
 
 def _tokens(x: Tensor) -> Tensor:
@@ -186,7 +183,9 @@ class AttentionBranch(nn.Module):
         return None
 
     def attention_map(self, x: Tensor) -> Tensor:
-        """Attention weights (B, N, M) for visualisation (M = N or the number of slots)."""
+        """Attention weights (B, N, M) for visualisation, one layout for every kind: row
+        n holds the weights output pixel n gives the M = N source pixels (or the M
+        memory slots)."""
         raise NotImplementedError
 
     def estimate_lipschitz(self, x: Tensor, n_iter: int = 20) -> Tensor:
@@ -236,8 +235,8 @@ class PaperAttention(AttentionBranch):
 
     def __init__(self, channels: int, kind: str, coeff: float = 0.9, reduction: int = 4):
         super().__init__(channels, coeff)
-        if kind not in PAPER_KINDS:
-            raise ValueError(f"unknown paper kind {kind!r}; valid: {', '.join(PAPER_KINDS)}")
+        if kind not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {kind!r}; valid: {', '.join(SIMILARITIES)}")
         self.kind = kind
         inner = max(1, channels // reduction)
         if kind != "gaussian":
@@ -250,9 +249,10 @@ class PaperAttention(AttentionBranch):
         self.out = ConstrainedLinear(channels, channels, SpectralRescale(coeff))
 
     def attention_map(self, x: Tensor) -> Tensor:
-        """Attention weights :math:`a_{ij}` (B, N_i, N_j); each column sums to 1/1.5."""
+        """Attention weights :math:`a_{ij}` laid out (B, N_j, N_i): row j, output pixel j,
+        sums to 1/1.5."""
         energy = self._energies(x)
-        return (energy / (1.5 * energy.sum(dim=-1, keepdim=True))).transpose(1, 2)
+        return energy / (1.5 * energy.sum(dim=-1, keepdim=True))
 
     def _energies(self, x: Tensor) -> Tensor:
         """Unnormalised :math:`e_{ij}` laid out as (B, N_j, N_i)."""

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
 from ..nn import baselines
-from ..transforms import KINDS, PAPER_KINDS, invertible_attention
+from ..nn.attention_kinds import FAITHFUL_PREFIX, VARIANTS, parse_variant
+from ..transforms import invertible_attention
 
 ORDINARY_SLOTS = {
     "nonlocal": baselines.NonLocal2d,
@@ -43,8 +44,7 @@ def slot_names() -> list[str]:
     """Every value the slot takes."""
     return [
         "none",
-        *(f"invertible:{k}" for k in KINDS),
-        *(f"faithful:{k}" for k in PAPER_KINDS),
+        *(v if v.startswith(FAITHFUL_PREFIX) else f"invertible:{v}" for v in VARIANTS),
         *ORDINARY_SLOTS,
     ]
 
@@ -63,12 +63,11 @@ class AttentionSlot(nn.Module):
         if name not in slot_names():
             raise ValueError(f"unknown attention slot {name!r}; valid: {', '.join(slot_names())}")
         self.name = name
-        family, _, kind = name.partition(":")
         self.step = None
         self.module: nn.Module | None = None  # the ordinary module, or None for a step
-        if family in ("invertible", "faithful"):
-            self.step = invertible_attention(kind, channels, certified=family == "invertible",
-                                             coeff=coeff)  # fmt: skip
+        if name.startswith(("invertible:", "faithful:")):
+            kind, certified = parse_variant(name.removeprefix("invertible:"))
+            self.step = invertible_attention(kind.name, channels, certified=certified, coeff=coeff)
         elif name == "none":
             self.module = nn.Identity()
         else:

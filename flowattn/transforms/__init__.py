@@ -6,11 +6,9 @@ there (``AttentionBranch``, ``ExternalAttention``, ...) are re-exported here for
 compatibility with earlier releases.
 """
 
+from ..nn.attention_kinds import KINDS, PAPER_KINDS, VARIANTS
 from ..nn.certified_paper_attention import CertifiedPaperAttention
 from ..nn.lipschitz_attention import (
-    CERTIFIED_KINDS,
-    KINDS,
-    PAPER_KINDS,
     AttentionBranch,
     ExternalAttention,
     L2SelfAttention,
@@ -23,7 +21,6 @@ from .residual import ConvergenceError, ConvergenceWarning, ResidualTransform
 
 __all__ = [
     "AttentionBranch",
-    "CERTIFIED_KINDS",
     "CertifiedPaperAttention",
     "ConvergenceError",
     "ConvergenceWarning",
@@ -35,6 +32,7 @@ __all__ = [
     "PaperAttention",
     "ResidualTransform",
     "UniformDequantization",
+    "VARIANTS",
     "glow_step",
     "invertible_attention",
 ]

@@ -14,34 +14,13 @@ from __future__ import annotations
 
 __all__ = ["invertible_attention"]
 
-import inspect
 from typing import Any
 
 from ..logdet import LogDetEstimator, estimator_options, make_estimator
-from ..nn.certified_paper_attention import CertifiedPaperAttention
-from ..nn.lipschitz_attention import (
-    KINDS,
-    PAPER_KINDS,
-    ExternalAttention,
-    L2SelfAttention,
-    PaperAttention,
-)
+from ..nn.attention_kinds import attention_kind
 from .residual import ResidualTransform
 
-_BRANCHES = {
-    **{kind: PaperAttention for kind in PAPER_KINDS},
-    "external": ExternalAttention,
-    "l2": L2SelfAttention,
-}
 _RESIDUAL_OPTIONS = ("solver", "atol", "rtol", "max_iter", "strict")
-
-
-def _option_names(cls: type) -> set[str]:
-    return {
-        name
-        for name, p in inspect.signature(cls.__init__).parameters.items()
-        if name != "self" and p.kind is not p.VAR_KEYWORD
-    }
 
 
 def invertible_attention(
@@ -59,8 +38,9 @@ def invertible_attention(
     r"""Builds an invertible attention flow step :math:`y = x + g(x)`.
 
     Arguments:
-        kind: The branch: the paper's ``gaussian``, ``embedded_gaussian``, ``dot``,
-            ``concat``, or ``external``, ``l2``.
+        kind: The branch, one of :data:`~flowattn.nn.attention_kinds.KINDS`: the
+            paper's ``gaussian``, ``embedded_gaussian``, ``dot``, ``concat``, or
+            ``external``, ``l2``.
         channels: Number of channels C of the (B, C, H, W) inputs.
         certified: For the paper's kinds, the certified version
             (:class:`~flowattn.nn.certified_paper_attention.CertifiedPaperAttention`,
@@ -93,12 +73,8 @@ def invertible_attention(
     """
     if input_shape is not None and (len(input_shape) != 3 or input_shape[0] != channels):
         raise ValueError(f"input_shape must be ({channels}, H, W), got {input_shape}")
-    if kind not in _BRANCHES:
-        raise ValueError(f"unknown attention kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    branch_cls = _BRANCHES[kind]
-    if kind in PAPER_KINDS and certified:
-        branch_cls = CertifiedPaperAttention
-    branch_names = _option_names(branch_cls) - {"channels", "coeff", "kind"}
+    registered = attention_kind(kind)
+    branch_names = registered.option_names(certified)
     residual_opts = {k: options.pop(k) for k in _RESIDUAL_OPTIONS if k in options}
     branch_opts = {k: options.pop(k) for k in list(options) if k in branch_names}
 
@@ -116,8 +92,5 @@ def invertible_attention(
             f"{estimator!r}; valid options: {', '.join(valid)}"
         )
     est = make_estimator(estimator, **est_opts)
-    if kind in PAPER_KINDS:
-        branch = branch_cls(channels, kind, coeff=coeff, **branch_opts)
-    else:
-        branch = branch_cls(channels, coeff=coeff, **branch_opts)
+    branch = registered.build(channels, certified=certified, coeff=coeff, **branch_opts)
     return ResidualTransform(branch, est, input_shape=input_shape, **residual_opts)
