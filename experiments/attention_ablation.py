@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 
 from flowattn.capacity import budget_use
 from flowattn.models import ModelConfig, build_model
+from flowattn.nn.attention_kinds import KINDS
 from flowattn.runs import resolve_device
 from flowattn.training import Hook, Trainer
 
-CERTIFIED = ("external", "l2", "gaussian", "embedded_gaussian", "dot", "concat")
 CONTROLS = ("iresnet", "iresnet+actnorm", "iresnet+conv")
 
 
@@ -73,7 +73,7 @@ class Config(DataConfig):
     dataset: str = "digits"
     downsample: int = 1
     models: list[str] = field(
-        default_factory=lambda: [*CONTROLS, *(f"iresnet-attn:{k}" for k in CERTIFIED)]
+        default_factory=lambda: [*CONTROLS, *(f"iresnet-attn:{k}" for k in KINDS)]
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 1200

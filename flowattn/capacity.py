@@ -19,7 +19,14 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["LOW_SHARE", "BudgetUse", "budget_use", "local_jacobian_norm", "low_share_message"]
+__all__ = [
+    "LOW_SHARE",
+    "BudgetUse",
+    "budget_use",
+    "local_jacobian_norm",
+    "low_share_message",
+    "worst_case_norm",
+]
 
 import math
 from dataclasses import dataclass
@@ -119,6 +126,40 @@ def local_jacobian_norm(
         basis.view(len(rows), x.shape[0], d)[torch.arange(len(rows)), :, rows.to(x.device)] = 1
         (grads,) = torch.autograd.grad(out, inputs, basis, is_grads_batched=True)
     return grads.flatten(2).abs().sum(-1).max(0).values.detach(), False
+
+
+def worst_case_norm(
+    branch: nn.Module, starts: Tensor, *, steps: int = 60, lr: float = 0.05
+) -> float:
+    r"""The largest l-inf Jacobian norm of ``branch`` that gradient ascent on the input
+    finds from each of the points ``starts`` (B, ...): a lower estimate of
+    :math:`\sup_x \|J_g(x)\|_\infty`, to compare with a certified bound.
+
+    From each start, the Jacobian row with the largest l1 norm is followed: Adam on the
+    input raises that row's l1 norm (one vector-Jacobian product, differentiated again).
+    The result is the largest row l1 norm met on the way, over all starts.
+    """
+    best = 0.0
+    for start in starts.detach():
+        x = start[None].clone()
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            inputs = x.clone().requires_grad_(True)
+            jac = dense_jacobian(branch(inputs), inputs)[0]
+        row = int(jac.abs().sum(-1).argmax())
+        best = max(best, float(jac.abs().sum(-1).max()))
+        x.requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=lr)
+        for _ in range(steps):
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                out = branch(x).flatten()[row]
+                (grad,) = torch.autograd.grad(out, x, create_graph=True)
+                value = grad.abs().sum()
+                best = max(best, float(value.detach()))
+                # the weights get no gradient; a linear map gives none to x either
+                (ascent,) = torch.autograd.grad(value, x, materialize_grads=True)
+            x.grad = -ascent
+            opt.step()
+    return best
 
 
 def budget_use(

@@ -5,7 +5,13 @@ import torch
 from conftest import stress_weights
 
 from flowattn import invertible_attention
-from flowattn.capacity import LOW_SHARE, BudgetUse, budget_use, local_jacobian_norm
+from flowattn.capacity import (
+    LOW_SHARE,
+    BudgetUse,
+    budget_use,
+    local_jacobian_norm,
+    worst_case_norm,
+)
 from flowattn.models import build_model
 from flowattn.nn.conv_branch import ConvResidualBranch
 from flowattn.transforms import KINDS
@@ -84,3 +90,18 @@ def test_a_low_share_is_flagged_for_attention_steps_only():
     assert uncertified.share is None
     with pytest.raises(ValueError, match="ord must be inf or 2"):
         local_jacobian_norm(_branch("dot"), torch.randn(1, 3, 2, 2, dtype=torch.float64), 1)
+
+
+def test_worst_case_norm_finds_a_linear_maps_norm_and_stays_below_certificates():
+    """For a linear map the Jacobian is constant: the ascent returns its exact l-inf norm
+    (the largest absolute row sum, computed here by hand)."""
+    conv = torch.nn.Conv2d(3, 3, 1, bias=False).double()
+    starts = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    expected = float(conv.weight[:, :, 0, 0].abs().sum(1).max())
+    assert worst_case_norm(conv, starts, steps=3) == pytest.approx(expected, rel=1e-12)
+    for kind in KINDS:
+        branch = invertible_attention(kind, 4).branch.double()
+        x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+        local, _ = local_jacobian_norm(branch, x)
+        found = worst_case_norm(branch, x, steps=20)
+        assert float(local.max()) <= found <= branch.lipschitz_bound((4, 4, 4))

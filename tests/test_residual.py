@@ -36,7 +36,10 @@ def test_inverse_round_trip(kind, dtype, tol, scale, solver, device):
     with torch.no_grad():
         y, _ = step(x)
     x_back, _ = step.inverse(y)
-    assert float((x_back - x).abs().max()) <= tol
+    # absolute tol, or a few units in the last place where |x| is large (float32 at 100:
+    # one unit is 7.6e-6, and the contraction may amplify rounding by 1 / (1 - L) = 10)
+    spacing = torch.nextafter(x.abs(), torch.tensor(float("inf"), dtype=dtype, device=device))
+    assert ((x_back - x).abs() <= torch.clamp(8 * (spacing - x.abs()), min=tol)).all()
     record = step.last_inverse
     assert record.converged and record.iterations >= 1 and record.residual <= record.tolerance
 

@@ -21,11 +21,15 @@ every quantity of the formula is made finite and computed from the weights, in t
   bound L below, so :math:`\mathrm{Lip}_\infty(g) \leq c` for every input and weight.
 
 With :math:`S(W) = \sum_{ab} |W_{ab}|` (the :math:`\infty \to 1` norm) and
-:math:`m = \min(S(W_\phi) a_\theta, a_\phi S(W_\theta))`, which bounds
-:math:`|\phi_j^\top \theta_i|`, the product rule row by row gives
-:math:`L = \|W_L\|_\infty\, L_y` with :math:`L_y` = :math:`a_v (1 + 4C)` (gaussian, C
-channels), :math:`a_v (1 + 4m)` (embedded gaussian), :math:`3 m\, a_v` (dot) and
-:math:`2 \kappa\, a_v` (concat, :math:`\kappa = \|w_\phi\|_1 a_\phi + \|w_\theta\|_1 a_\theta`).
+:math:`m = S(W_\phi^\top W_\theta)`, which bounds
+:math:`|\phi_j^\top \theta_i| = |u_j^\top W_\phi^\top W_\theta u_i|`, and
+:math:`a = \|W_L W_v\|_\infty` (the output and value maps as one map, which the values
+reach only through), the product rule row by
+row gives :math:`L = a (1 + 2C)` (gaussian, C channels), :math:`a (1 + 2m)` (embedded
+gaussian), :math:`3 m\, a` (dot) and :math:`2 \kappa\, a` (concat,
+:math:`\kappa = \|w_\phi\|_1 a_\phi + \|w_\theta\|_1 a_\theta`). A softmax row moves in
+:math:`\ell_1` by at most half the range of its logits' moves (the mean absolute
+deviation is at most half the range), which gives the factor 2 of the exponential kinds.
 ``docs/maths.md`` derives them.
 
 References:
@@ -96,21 +100,16 @@ class CertifiedPaperAttention(BoundedOutputBranch):
 
     def _raw_bound(self) -> Tensor:
         """The certified bound of the branch without the scale s."""
-        a_v = inf_norm(self.value.weight)
+        a_v = inf_norm(self.out.weight @ self.value.weight)  # W_L W_v as one map
         if self.kind == "gaussian":
-            inner = a_v * (1 + 4 * self.channels)
-        else:
-            a_t, a_p = inf_norm(self.theta.weight), inf_norm(self.phi.weight)
-            if self.kind == "concat":
-                w_t, w_p = self.concat.weight[0].split(self.theta.out_features)
-                kappa = w_p.abs().sum() * a_p + w_t.abs().sum() * a_t
-                inner = 2 * kappa * a_v
-            else:
-                m = torch.minimum(
-                    _entry_sum(self.phi.weight) * a_t, a_p * _entry_sum(self.theta.weight)
-                )
-                inner = a_v * (1 + 4 * m) if self.kind == "embedded_gaussian" else 3 * m * a_v
-        return inf_norm(self.out.weight) * inner
+            return a_v * (1 + 2 * self.channels)
+        a_t, a_p = inf_norm(self.theta.weight), inf_norm(self.phi.weight)
+        if self.kind == "concat":
+            w_t, w_p = self.concat.weight[0].split(self.theta.out_features)
+            kappa = w_p.abs().sum() * a_p + w_t.abs().sum() * a_t
+            return 2 * kappa * a_v
+        m = _entry_sum(self.phi.weight.T @ self.theta.weight)  # |u_j^T W_phi^T W_theta u_i|
+        return a_v * (1 + 2 * m) if self.kind == "embedded_gaussian" else 3 * m * a_v
 
     def attention_map(self, x: Tensor) -> Tensor:
         energy, softmax = self._energies(torch.tanh(self._check(x)))

@@ -301,15 +301,17 @@ class ExternalAttention(BoundedOutputBranch):
     .. math:: g(x)_i = s \, W_2 M_v \, \mathrm{DN}(M_k W_1 x)_i + b, \qquad
               \mathrm{DN}(A)_{is} = \mathrm{softmax}_s\big(A_{is} - \log\sum_j e^{A_{js}}\big)
 
-    (softmax over pixels, then :math:`\ell_1` over the S memory slots). The row
-    softmax is 1/2-Lipschitz and the centring 2-Lipschitz in :math:`\ell_\infty`, so
-    :math:`\mathrm{Lip}_\infty(\mathrm{DN}) \leq 1` and, for every input and every N,
+    (softmax over pixels, then :math:`\ell_1` over the S memory slots). The centring
+    moves each logit by at most twice the logits' largest move, and a softmax row moves
+    in :math:`\ell_1` by at most half the range of its logits' moves, so a pixel's slot
+    weights move in :math:`\ell_1` by at most :math:`2 \|M_k W_1\|_\infty \|dx\|_\infty`,
+    and, for every input and every N (``docs/maths.md``),
 
-    .. math:: \mathrm{Lip}_\infty(g) \leq s \, \|W_1\|_\infty \|M_k\|_\infty
-              \|M_v\|_\infty \|W_2\|_\infty,
+    .. math:: \mathrm{Lip}_\infty(g) \leq s \, \|M_k W_1\|_\infty
+              \min\big(\|W_2 M_v\|_\infty, 2 \max_{ab} |(W_2 M_v)_{ab}|\big),
 
     with :math:`\|\cdot\|_\infty` the largest absolute row sum. The factor
-    :math:`s = \min(1, c / \prod \|\cdot\|_\infty)` keeps the bound at most ``coeff``
+    :math:`s = \min(1, c / \text{bound})` keeps the bound at most ``coeff``
     by construction while leaving each map free (sharp attention logits can be paid
     for by smaller value maps).
 
@@ -343,8 +345,9 @@ class ExternalAttention(BoundedOutputBranch):
         self.out = nn.Linear(hidden, channels)
 
     def _raw_bound(self) -> Tensor:
-        layers = (self.embed, self.keys, self.values, self.out)
-        return math.prod(inf_norm(layer.weight) for layer in layers)
+        logits = inf_norm(self.keys.weight @ self.embed.weight)  # M_k W_1
+        values = self.out.weight @ self.values.weight  # W_2 M_v
+        return logits * torch.minimum(inf_norm(values), 2 * values.abs().amax())
 
     def attention_map(self, x: Tensor) -> Tensor:
         logits = self.keys(self.embed(self._check(x)))  # (B, N, S)
@@ -383,7 +386,10 @@ class L2SelfAttention(AttentionBranch):
     .. math:: \big(4\phi^{-1}(N - 1) + 1/\sqrt{d}\big) \|W^O\|_\infty
               \max_h \|W^Q_h\|_\infty \|W^{Q\top}_h\|_\infty \|W^V_h\|_\infty,
 
-    with :math:`\phi(x) = x e^{x+1}` (norms here of maps acting on column vectors).
+    with :math:`\phi(x) = x e^{x+1}` (norms here of maps acting on column vectors), or by
+    the same factor times :math:`\sum_h \|W^O_h W^V_h\|_\infty \|W^Q_h\|_\infty
+    \|W^{Q\top}_h\|_\infty` (each head's value and output maps as one map; the smaller
+    of the two is used).
     We use the larger factor :math:`4\phi^{-1}(N-1) + 1`, which also covers reading the
     theorem with :math:`1/\sqrt{d}` multiplying every term, and scale the output by
     :math:`s = \min(1, c / \text{bound})` *for the N of the input*, so the bound is at
@@ -422,7 +428,12 @@ class L2SelfAttention(AttentionBranch):
         q_norms = self.query.abs().sum(dim=2).amax(dim=1) * self.query.abs().sum(dim=1).amax(dim=1)
         v_norms = self.value.abs().sum(dim=2).amax(dim=1)
         factor = 4 * _phi_inverse(num_pixels - 1) + 1
-        return factor * (q_norms * v_norms).max() * inf_norm(self.out.weight)
+        per_head = inf_norm(self.out.weight) * (q_norms * v_norms).max()
+        # or each head's value and output maps as one: sum_h ||W_O^h W_V^h|| q_h
+        blocks = self.out.weight.unflatten(1, (self.heads, self.value_dim))  # (C, H, dv)
+        merged = torch.einsum("chv,hvk->hck", blocks, self.value)
+        merged = (merged.abs().sum(dim=2).amax(dim=1) * q_norms).sum()
+        return factor * torch.minimum(per_head, merged)
 
     def _scale(self, num_pixels: int) -> Tensor:
         return _contraction_scale(self.coeff, self._raw_bound(num_pixels))
