@@ -3,9 +3,8 @@ r"""Checkpoint files: data, not code, written atomically.
 A checkpoint is a ``torch.save`` dictionary of tensors, numbers, strings, lists and
 dicts only (random states included, as tensors), so it is read with
 ``torch.load(weights_only=True)``: a file carrying any other Python object is refused
-and nothing in it runs. Files of the first format (which pickled numpy random states as
-objects) are read only when the caller says it trusts them (``trust=True``, the CLI's
-``--trust-checkpoint``), and converted.
+and nothing in it runs. Files of earlier formats (flowattn 0.1 and 0.2) are refused
+with an error that names the version that wrote them.
 
 It is written to a temporary file in the same directory and renamed over the old one
 (``os.replace`` is atomic on POSIX and Windows), so a process killed mid-write leaves
@@ -38,8 +37,8 @@ from .errors import first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
-_FORMAT = "flowattn-checkpoint-2"
-_OLD_FORMAT = "flowattn-checkpoint-1"
+_FORMAT = "flowattn-checkpoint-3"
+_OLD_FORMATS = {"flowattn-checkpoint-1": "flowattn 0.1", "flowattn-checkpoint-2": "flowattn 0.2"}
 
 
 class CheckpointError(ValueError):
@@ -110,20 +109,17 @@ def find_checkpoint(run_or_checkpoint: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(
-    run_or_checkpoint: str | Path, map_location: Any = "cpu", *, trust: bool = False
-) -> dict[str, Any]:
+def load_checkpoint(run_or_checkpoint: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Reads a checkpoint (file or run directory) as data only.
 
     Arguments:
         run_or_checkpoint: A checkpoint file or a run directory.
         map_location: Where tensors go (``torch.load``'s argument).
-        trust: Also read files that hold other Python objects (the first checkpoint
-            format). Loading such a file can run code: only for files you trust.
 
     Raises:
-        CheckpointError: missing, unreadable, not a flowattn checkpoint, or holding
-            objects other than data (without ``trust``).
+        CheckpointError: missing, unreadable, not a flowattn checkpoint, of an older
+            format (the message names the version that wrote it), or holding objects
+            other than data.
     """
     path = find_checkpoint(run_or_checkpoint)
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
@@ -133,41 +129,19 @@ def load_checkpoint(
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise CheckpointError(f"cannot read checkpoint {path}: not a checkpoint file") from None
-        if not trust:
-            raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects, not only tensors and "
-                "numbers, and loading it could run code; if it is an old flowattn "
-                "checkpoint from a source you trust, pass --trust-checkpoint"
-            ) from None
-        state = _read_trusted(path, map_location)
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects, not only tensors and "
+            "numbers, and loading it could run code (flowattn 0.1 checkpoints did; this "
+            f"flowattn reads format {_FORMAT!r} only)"
+        ) from None
     except Exception as error:  # truncated zip, garbage, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
-    if not isinstance(state, dict) or state.get("format") not in (_FORMAT, _OLD_FORMAT):
+    written = state.get("format") if isinstance(state, dict) else None
+    if written in _OLD_FORMATS:
+        raise CheckpointError(
+            f"{path} was written by {_OLD_FORMATS[written]} (format {written!r}); this "
+            f"flowattn reads format {_FORMAT!r} only: retrain, or use that version"
+        )
+    if written != _FORMAT:
         raise CheckpointError(f"{path} is not a flowattn checkpoint")
-    if state["format"] == _OLD_FORMAT:
-        if not trust:
-            raise CheckpointError(f"{path} is an old-format checkpoint: pass --trust-checkpoint")
-        state = _upgrade(state)
     return state
-
-
-def _read_trusted(path: Path, map_location: Any) -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(error)}") from None
-
-
-def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
-    """A first-format checkpoint (weights stored twice, numpy/python random states as
-    objects) in the current layout."""
-    from .training import random_states_to_data
-
-    trainer = dict(state["trainer"])
-    trainer["random"] = random_states_to_data(trainer["random"])
-    return {
-        "format": _FORMAT,
-        "model_config": state["model_config"],
-        "run_config": state.get("run_config", {}),
-        "trainer": trainer,
-    }

@@ -175,7 +175,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             config,
             resume=args.resume,
             progress=not args.no_progress and sys.stderr.isatty(),
-            trust_checkpoint=args.trust_checkpoint,
         )
     except NonFiniteLossError as error:
         print(f"flowattn: error: {error}", file=sys.stderr)
@@ -202,9 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace):
     from .runs import load_run_model
 
-    return load_run_model(
-        args.run, device=args.device, ema=not args.no_ema, trust=args.trust_checkpoint
-    )
+    return load_run_model(args.run, device=args.device, ema=not args.no_ema)
 
 
 def _run_images(state: dict, split: str, limit: int | None) -> torch.Tensor:
@@ -374,11 +371,6 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a run directory or a checkpoint file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--no-ema", action="store_true", help="use the raw, not the EMA, weights")
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="also read old-format checkpoints, which can run code: only files you trust",
-    )
 
 
 def _subcommand(description: str) -> ArgumentParser:
@@ -407,11 +399,6 @@ def _build() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         "train a density model (no arguments: small certified iresnet-attn on digits)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="--resume from an old-format checkpoint, which can run code: only files you trust",
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-checksum", action="store_true", help=argparse.SUPPRESS)
 

@@ -239,12 +239,11 @@ def load_run_model(
     *,
     device: str = "auto",
     ema: bool = True,
-    trust: bool = False,
 ) -> tuple[DensityModel, dict[str, Any]]:
     """The model of a run or checkpoint (EMA weights by default), in eval mode, and the
-    checkpoint. ``trust`` also reads old-format checkpoints (which can run code)."""
+    checkpoint."""
     target = resolve_device(device)
-    state = load_checkpoint(run_or_checkpoint, trust=trust)
+    state = load_checkpoint(run_or_checkpoint)
     trainer = state["trainer"]
     try:
         model = build_model(ModelConfig.from_dict(state["model_config"]))
@@ -332,8 +331,7 @@ def unwritable_reason(directory: Path) -> str | None:
 
 
 def _check_resumed_model(saved: dict[str, Any], now: ModelConfig, run_dir: Path, log) -> None:
-    """Raises if the checkpoint's model config differs from the run's (both resolved);
-    says so when the checkpoint does not record the series' log-det gradient."""
+    """Raises if the checkpoint's model config differs from the run's (both resolved)."""
     resolved, current = ModelConfig.from_dict(saved).to_dict(), now.to_dict()
     if resolved != current:
         changed = [k for k in current if resolved.get(k) != current[k]]
@@ -342,14 +340,6 @@ def _check_resumed_model(saved: dict[str, Any], now: ModelConfig, run_dir: Path,
             f"--resume: {run_dir} holds a different model ({diff}); resume with the run's "
             "own model settings or choose another --run-dir"
         )
-    if resolved["estimator"] == "series" and "gradient" not in saved["estimator_options"]:
-        gradient = current["estimator_options"]["gradient"]
-        log(
-            f"warning: the checkpoint does not record its series' log-det gradient (flowattn "
-            f"before 0.2.1); continuing with {gradient!r}. Runs started before the default "
-            "became 'neumann' trained with 'backprop' (the same expected gradient, at a "
-            "higher cost); pass model option estimator_options.gradient to choose."
-        )
 
 
 def run_training(
@@ -357,7 +347,6 @@ def run_training(
     *,
     resume: bool = False,
     progress: bool = True,
-    trust_checkpoint: bool = False,
     log=print,
 ) -> RunSummary:
     """Trains a model as ``config`` says, in ``config.run_dir``; see the module docstring.
@@ -395,7 +384,7 @@ def run_training(
         )
     state = None
     if resume:
-        state = load_checkpoint(checkpoint_path, map_location=device, trust=trust_checkpoint)
+        state = load_checkpoint(checkpoint_path, map_location=device)
 
     x_train, x_test = config.images("train"), config.images("test")
     model_options = {k: v for k, v in config.model.items() if k != "image_shape"}

@@ -160,27 +160,13 @@ class EMA:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decay = state["decay"]
         self.averaged.avg_fn = WarmedUpDecay(self.decay)
-        if "averaged" not in state:  # written before 0.2: {"decay", "updates", "shadow"}
-            state = {"averaged": _averaged_state(state, self.averaged)}
         self.averaged.load_state_dict(state["averaged"])
 
     @staticmethod
     def parameters_in(state: dict[str, Any]) -> dict[str, Tensor]:
-        """The averaged parameters, by name, in a saved :meth:`state_dict` (either layout)."""
-        if "shadow" in state:
-            return dict(state["shadow"])
+        """The averaged parameters, by name, in a saved :meth:`state_dict`."""
         prefix = "module."
         return {k[len(prefix) :]: v for k, v in state["averaged"].items() if k.startswith(prefix)}
-
-
-def _averaged_state(old: dict[str, Any], averaged: nn.Module) -> dict[str, Any]:
-    """An ``AveragedModel`` state from an EMA state saved before 0.2 (buffers from the
-    current averaged copy, which a shadow did not hold)."""
-    state = averaged.state_dict()
-    for name, tensor in old["shadow"].items():
-        state[f"module.{name}"] = tensor
-    state["n_averaged"] = torch.tensor(int(old["updates"]) + 1, dtype=torch.long)
-    return state
 
 
 class BatchLoss(nn.Module):
@@ -566,8 +552,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.step = state["step"]
-        # written before 0.2: the batch order's fields at the top level
-        self.batches.load_state_dict(state.get("batches", state))
+        self.batches.load_state_dict(state["batches"])
         _set_random_states(state["random"])
         self.result = TrainResult(**state["result"])
 

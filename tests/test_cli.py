@@ -76,8 +76,15 @@ def test_sample_reconstruct_certify_attention(run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "ExternalAttention" in out and "ConvResidualBranch" in out and "True" in out
     assert "share" in out and "%" in out
-    # After 6 steps the external attention branch is still close to zero (share < 5%):
-    assert "warning:" in out and "ExternalAttention" in out.split("warning:")[1]
+    # the warning appears exactly when the attention step's share is below LOW_SHARE
+    from flowattn.capacity import LOW_SHARE, budget_use
+    from flowattn.runs import RunConfig, load_run_model
+
+    model, state = load_run_model(run)
+    images = RunConfig(**state["run_config"]).images("test", 4)
+    (use,) = budget_use(model, images, attention_only=True)
+    assert ("warning:" in out) == (use.share < LOW_SHARE)
+    assert f"{use.share:.1%}" in out
     att = tmp_path / "a.png"
     assert main(["attention", str(run), "--image", "digits", "-o", str(att)]) == 0
     assert att.is_file() and att.stat().st_size > 1000
@@ -244,7 +251,7 @@ def test_a_checkpoint_that_would_run_code_runs_nothing(run, tmp_path, capsys):
     evil.mkdir()
     shutil.copy(run / "config.toml", evil / "config.toml")
     marker = tmp_path / "pwned"
-    torch.save({"format": "flowattn-checkpoint-2", "x": _Payload(marker)}, evil / "checkpoint.pt")
+    torch.save({"format": "flowattn-checkpoint-3", "x": _Payload(marker)}, evil / "checkpoint.pt")
     for argv in (
         ["eval", str(evil)],
         ["sample", str(evil), "-o", str(tmp_path / "s.png")],
@@ -258,7 +265,7 @@ def test_a_checkpoint_that_would_run_code_runs_nothing(run, tmp_path, capsys):
     assert not marker.exists()
 
 
-def test_old_format_checkpoints_load_only_when_trusted(run, tmp_path, capsys):
+def test_old_format_checkpoints_are_refused_naming_the_version(run, tmp_path, capsys):
     import random
     import shutil
 
@@ -279,10 +286,11 @@ def test_old_format_checkpoints_load_only_when_trusted(run, tmp_path, capsys):
     shutil.copy(run / "config.toml", old_run / "config.toml")
     torch.save(old, old_run / "checkpoint.pt")
     assert main(["eval", str(old_run), "--no-progress", "--limit", "8"]) == 2
-    assert "--trust-checkpoint" in _one_line_error(capsys)
-    args = ["eval", str(old_run), "--no-progress", "--limit", "8", "--trust-checkpoint"]
-    assert main(args) == 0
-    assert "bits/dim" in capsys.readouterr().out
+    assert "flowattn 0.1 checkpoints did" in _one_line_error(capsys)
+    old["trainer"] = {**trainer, "random": {}}  # data only, but the old format
+    torch.save(old, old_run / "checkpoint.pt")
+    assert main(["eval", str(old_run), "--no-progress", "--limit", "8"]) == 2
+    assert "written by flowattn 0.1 (format 'flowattn-checkpoint-1')" in _one_line_error(capsys)
 
 
 def test_two_trainings_in_one_run_directory_and_sigterm(tmp_path):

@@ -1,12 +1,10 @@
-import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from flowattn.capacity import budget_use
-from flowattn.checkpoint import load_checkpoint, save_checkpoint
+from flowattn.checkpoint import load_checkpoint
 from flowattn.errors import ConfigError
 from flowattn.runs import RunConfig, load_run_model, run_training
 from flowattn.training import EMA, NonFiniteLossError, Trainer
@@ -74,21 +72,7 @@ class _Killed(Exception):
     pass
 
 
-def _as_written_by_0_1(checkpoint: Path) -> None:
-    """Rewrites a checkpoint's trainer state in the 0.1 layout: the batch order's fields
-    at the top level, the EMA as a shadow dict with an update count."""
-    state = load_checkpoint(checkpoint)
-    trainer = state["trainer"]
-    trainer.update(trainer.pop("batches"))
-    ema = trainer["ema"]
-    shadow = EMA.parameters_in(ema)
-    updates = int(ema["averaged"]["n_averaged"]) - 1
-    trainer["ema"] = {"decay": ema["decay"], "updates": updates, "shadow": shadow}
-    save_checkpoint(state, checkpoint / "checkpoint.pt", keep_previous=False)
-
-
-@pytest.mark.parametrize("layout", ["current", "0.1"])
-def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch, layout):
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
     settings = {"steps": 8, "eval_every": 3, "checkpoint_every": 3}
     run_training(_config(tmp_path, "straight", **settings), progress=False, log=_quiet)
 
@@ -105,8 +89,6 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch,
         run_training(killed, progress=False, log=_quiet)
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "killed")["trainer"]["step"] == 6
-    if layout == "0.1":
-        _as_written_by_0_1(tmp_path / "killed")
     run_training(killed, resume=True, progress=False, log=_quiet)
     for a, b in zip(_params(tmp_path / "straight"), _params(tmp_path / "killed"), strict=True):
         assert torch.equal(a, b)
@@ -252,26 +234,6 @@ def test_a_checkpoint_records_the_log_det_gradient_it_trained_with(tmp_path, gra
     switched = _config(tmp_path, steps=3, model={**model, "estimator_options": {"gradient": other}})
     with pytest.raises(ValueError, match=f"'gradient': '{gradient}'}} -> .*'{other}'"):
         run_training(switched, resume=True, progress=False, log=_quiet)
-
-
-def test_a_checkpoint_without_the_gradient_resumes_with_a_warning(tmp_path):
-    """A checkpoint from before the gradient was recorded (flowattn 0.2.0) resumes with
-    today's default, and says so."""
-    config = _config(
-        tmp_path, steps=2, eval_every=0, model={**FAST["model"], "estimator": "series"}
-    )
-    run_training(config, progress=False, log=_quiet)
-    path = tmp_path / "run" / "checkpoint.pt"
-    state = load_checkpoint(path)
-    assert state["model_config"]["estimator_options"] == {"gradient": "neumann"}
-    state["model_config"]["estimator_options"] = {}
-    save_checkpoint(state, path)
-    lines = []
-    run_training(
-        dataclasses.replace(config, steps=3), resume=True, progress=False, log=lines.append
-    )
-    warned = [line for line in lines if "does not record its series' log-det gradient" in line]
-    assert len(warned) == 1 and "continuing with 'neumann'" in warned[0]
 
 
 def test_plain_progress_lines_without_a_terminal(tmp_path):

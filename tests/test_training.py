@@ -104,14 +104,6 @@ def test_ema_state_round_trips_and_reads_the_old_layout():
     assert fresh.decay == 0.9 and fresh.updates == 2
     assert torch.equal(dict(fresh.named_parameters())["weight"], ema.averaged.module.weight)
     assert EMA.parameters_in(state)["weight"].item() == ema.averaged.module.weight.item()
-    # written before 0.2: a shadow dict and an update count
-    old = {"decay": 0.9, "updates": 7, "shadow": {"weight": torch.full((1, 1), 5.0)}}
-    fresh.load_state_dict(old)
-    assert fresh.updates == 7 and dict(fresh.named_parameters())["weight"].item() == 5.0
-    assert EMA.parameters_in(old)["weight"].item() == 5.0
-    fresh.update()  # continues the recurrence at t = 8
-    d = min(0.9, 9 / 18)
-    assert dict(fresh.named_parameters())["weight"].item() == pytest.approx(d * 5.0 + (1 - d) * 0.0)
 
 
 def test_learning_rate_warms_up_linearly_then_holds():

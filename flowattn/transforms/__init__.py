@@ -1,9 +1,8 @@
 """Flow steps (nflows ``Transform`` subclasses): the residual step, the invertible
 attention step built on it, the Glow step, and the preprocessing transforms.
 
-The networks inside the steps are in :mod:`flowattn.nn`; the names below that live
-there (``AttentionBranch``, ``ExternalAttention``, ...) are re-exported here for
-compatibility with earlier releases.
+The networks inside the steps are in :mod:`flowattn.nn`; the attention branches and
+the registry's names are re-exported here beside the step that builds them.
 """
 
 from ..nn.attention_kinds import KINDS, PAPER_KINDS, VARIANTS
