@@ -65,7 +65,7 @@ class AttentionSlot(nn.Module):
         self.name = name
         self.step = None
         self.module: nn.Module | None = None  # the ordinary module, or None for a step
-        if name.startswith(("invertible:", "faithful:")):
+        if name.startswith(("invertible:", FAITHFUL_PREFIX)):
             kind, certified = parse_variant(name.removeprefix("invertible:"))
             self.step = invertible_attention(kind.name, channels, certified=certified, coeff=coeff)
         elif name == "none":
