@@ -15,20 +15,24 @@ import flowattn  # noqa: E402
 
 
 def test_an_older_checkout_imports_as_its_own_package(tmp_path):
-    """A checkout of this repository at HEAD (a real git checkout), whose shim modules
-    use absolute ``flowattn`` imports, loads as a separate package: its modules are its
-    own objects, not this package's."""
+    """A checkout of this repository at HEAD (a real git checkout), with one module
+    added that uses absolute ``flowattn`` imports (as the alias modules of releases
+    before 0.3 did), loads as a separate package: its modules are its own objects, not
+    this package's."""
     checkout = tmp_path / "checkout"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(checkout)],
                    check=True, capture_output=True)  # fmt: skip
+    probe = "from flowattn.models import build_model\nimport flowattn.nn.conv_branch as conv\n"
+    (checkout / "flowattn" / "absolute_probe.py").write_text(probe)
     try:
         old = import_baseline(checkout, name="flowattn_baseline_test")
+        from flowattn_baseline_test import absolute_probe  # absolute imports inside
         from flowattn_baseline_test.models import build_model
-        from flowattn_baseline_test.transforms import iresnet  # absolute imports inside
 
         assert old.__name__ == "flowattn_baseline_test" and old is not flowattn
         assert build_model.__module__ == "flowattn_baseline_test.models"
-        assert iresnet.__name__.startswith("flowattn_baseline_test")
+        assert absolute_probe.build_model is build_model
+        assert absolute_probe.conv.__name__ == "flowattn_baseline_test.nn.conv_branch"
         copy = Path(old.__file__).parent
         loaded = {
             name
