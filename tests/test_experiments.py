@@ -121,7 +121,9 @@ def test_density_experiment_end_to_end(tmp_path):
     series = rows["iresnet@series"]
     assert float(series["series_bias_bound"]) > 0 and float(series["series_claim"]) > 0
     curve = [r for r in _rows(tmp_path / "curves.csv") if r["model"] == "glow"]
-    assert len(curve) >= 3 and curve[0]["step"] == "0"
+    # at least the start and the end; how many evaluations fit between depends on the
+    # machine's speed (a loaded machine may take one step in the whole budget)
+    assert len(curve) >= 2 and curve[0]["step"] == "0" and int(curve[-1]["step"]) >= 1
     times = [float(r["train_s"]) for r in curve]
     assert times == sorted(times)
     table = (tmp_path / "results.md").read_text()
