@@ -330,7 +330,7 @@ def unwritable_reason(directory: Path) -> str | None:
     return None
 
 
-def _check_resumed_model(saved: dict[str, Any], now: ModelConfig, run_dir: Path, log) -> None:
+def _check_resumed_model(saved: dict[str, Any], now: ModelConfig, run_dir: Path) -> None:
     """Raises if the checkpoint's model config differs from the run's (both resolved)."""
     resolved, current = ModelConfig.from_dict(saved).to_dict(), now.to_dict()
     if resolved != current:
@@ -400,7 +400,7 @@ def run_training(
             f"dataset's images {model.image_shape}"
         )
     if state is not None:
-        _check_resumed_model(state["model_config"], model.config, run_dir, log)
+        _check_resumed_model(state["model_config"], model.config, run_dir)
     # probes and dequantisation noise differ per rank
     torch.manual_seed(config.seed + 1000 * rank)
     trainer = Trainer(

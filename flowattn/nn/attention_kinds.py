@@ -91,9 +91,10 @@ class AttentionKind:
         self, channels: int, *, certified: bool = True, coeff: float = 0.9, **options
     ) -> AttentionBranch:
         """The branch g: (B, C, H, W) -> (B, C, H, W) on ``channels`` channels."""
-        unknown = set(options) - self.option_names(certified)
+        names = self.option_names(certified)
+        unknown = set(options) - names
         if unknown:
-            valid = ", ".join(sorted(self.option_names(certified))) or "none"
+            valid = ", ".join(sorted(names)) or "none"
             raise ValueError(
                 f"unknown option(s) {', '.join(sorted(unknown))} for attention kind "
                 f"{self.name!r}; valid: {valid}"
@@ -102,11 +103,6 @@ class AttentionKind:
         if self.similarity is not None:
             return cls(channels, self.similarity, coeff=coeff, **options)
         return cls(channels, coeff=coeff, **options)
-
-    def variants(self) -> tuple[str, ...]:
-        """The kind's variant names: its name, then ``faithful:<name>`` where it has one."""
-        faithful = (FAITHFUL_PREFIX + self.name,) if self.faithful is not None else ()
-        return (self.name, *faithful)
 
 
 REGISTRY: dict[str, AttentionKind] = {
