@@ -15,7 +15,7 @@ at both points (the equal-steps and the equal-time budgets). The models:
 * ``iresnet-attn:<kind>``: the attention step of each certified kind.
 
 Test bits/dim are exact (dense Jacobians) where the images have at most
-``flowattn.models.EXACT_MAX_DIMS`` values (digits, CIFAR at 8x8), else the unbiased
+``flowattn.evaluation.EXACT_MAX_DIMS`` values (digits, CIFAR at 8x8), else the unbiased
 roulette with its certified error bar. Every model and seed sees the same test images and
 dequantisation noise, so differences are paired image by image; across seeds (the same
 seed trains every model from the same data order) the mean of the per-seed differences

@@ -50,6 +50,7 @@ from common import (
     user_errors,
 )
 
+from flowattn.evaluation import estimator_description
 from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_values_difference
 from flowattn.models import ModelConfig, build_model
 from flowattn.nn.attention_kinds import KINDS, parse_variant
@@ -195,7 +196,7 @@ def run_one(spec: str, config: Config, data: dict, device: torch.device, out: Pa
     result = trainer.result
     row = {
         "model": spec,
-        "training": model.estimator_description(),
+        "training": estimator_description(model),
         "parameters": parameters,
         "steps": result.steps,
         "train_s": result.seconds,

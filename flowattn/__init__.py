@@ -5,7 +5,7 @@ References:
     | https://arxiv.org/abs/2106.09003
 """
 
-from . import data, lipschitz, logdet, metrics, nn, solvers
+from . import data, evaluation, lipschitz, logdet, metrics, nn, solvers
 from .models import DensityModel, ModelConfig, build_model
 from .transforms import ResidualTransform, invertible_attention
 
@@ -17,6 +17,7 @@ __all__ = [
     "ResidualTransform",
     "build_model",
     "data",
+    "evaluation",
     "invertible_attention",
     "lipschitz",
     "logdet",

@@ -28,7 +28,7 @@ from nflows.transforms import SqueezeTransform
 from . import configs
 from .data import IMAGE_SUFFIXES
 from .errors import ConfigError, first_line
-from .models import EXACT_MAX_DIMS
+from .evaluation import EXACT_MAX_DIMS
 from .nn.attention_kinds import VARIANTS, parse_variant
 from .transforms import ConvergenceWarning, invertible_attention
 

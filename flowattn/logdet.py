@@ -157,6 +157,19 @@ class LogDetEstimator(nn.Module):
         """A one-line description for reports, saying whether the estimate is biased."""
         raise NotImplementedError
 
+    def bias_bound(self, lipschitz: float | None, dims: int) -> float:
+        """A certified bound, in nats, on the bias :math:`|E[\\hat{L}] - \\log\\det|` of
+        this estimator on one step whose input has ``dims`` values and whose branch has
+        the certified Lipschitz bound ``lipschitz`` (None: uncertified). 0 here: the
+        estimate is exact or unbiased."""
+        return 0.0
+
+    @property
+    def error_bar_certified(self) -> bool:
+        """Whether a standard error over images of this estimator's values is a valid one
+        (the values of different images are independent and have finite variance)."""
+        return True
+
 
 class ExactLogDet(LogDetEstimator):
     r"""Exact log-det from the dense per-sample Jacobian (cost :math:`O(D)` backward passes).
@@ -336,6 +349,13 @@ class PowerSeriesLogDet(_SeriesLogDet):
     def term_weights(self, batch: int) -> Tensor:
         return torch.ones(self.n_terms, batch, dtype=torch.float64)
 
+    def bias_bound(self, lipschitz: float | None, dims: int) -> float:
+        """The truncation error's bound :func:`series_truncation_bound` (infinite for an
+        uncertified branch, whose series need not even converge)."""
+        if lipschitz is None:
+            return math.inf
+        return series_truncation_bound(lipschitz, self.n_terms, dims)
+
     def describe(self) -> str:
         probes = "exact traces" if self.probe == "basis" else f"{self.n_probes} {self.probe} probe"
         return f"power series, {self.n_terms} terms, {probes} (biased: truncated)"
@@ -470,6 +490,16 @@ class RussianRouletteLogDet(_SeriesLogDet):
             and self.lipschitz is not None
             and 1 - self.p >= self.lipschitz**2
         )
+
+    def bias_bound(self, lipschitz: float | None, dims: int) -> float:
+        """0 (unbiased) where the branch is certified contractive; infinite where it is not,
+        as the series the roulette estimates need not converge."""
+        return 0.0 if lipschitz is not None and lipschitz < 1 else math.inf
+
+    @property
+    def error_bar_certified(self) -> bool:
+        """Per-sample draws with a certified finite variance."""
+        return self.per_sample and self.variance_certified
 
     def survival(self, k: int) -> float:
         """:math:`P(N \\geq k)` of the number of extra terms."""

@@ -78,6 +78,19 @@ def count_host_reads(fn) -> int:
     return len(reads)
 
 
+def train_one_step(model):
+    """One Adam step on random 8-bit images: ActNorm initialises on data, every
+    parameter moves. Returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 256, (8, *model.image_shape), dtype=torch.uint8)
+    y, logdet = model.dequantize(x.to(model.device))
+    loss = -(model.log_prob(y) + logdet).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return model.eval()
+
+
 def stress_weights(module: torch.nn.Module, scale: float = 3.0) -> None:
     """Inflate every raw parameter so that all norm rescalings are active."""
     with torch.no_grad():

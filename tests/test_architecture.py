@@ -16,6 +16,7 @@ LAYERS = {
     4: [
         "flowattn",
         "flowattn.models",
+        "flowattn.evaluation",
         "flowattn.data",
         "flowattn.capacity",
         "flowattn.plots",

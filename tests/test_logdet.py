@@ -397,3 +397,35 @@ def test_estimator_defaults_are_what_a_default_estimator_holds(name):
     assert set(defaults) - {"n_exact"} <= estimator_options(name)
     if name != "exact":
         assert defaults["gradient"] == "neumann"
+
+
+@pytest.mark.parametrize(
+    "estimator, lipschitz, bias, certified",
+    [
+        (ExactLogDet(), None, 0.0, True),
+        (PowerSeriesLogDet(n_terms=3), 0.5, series_truncation_bound(0.5, 3, 10), True),
+        (PowerSeriesLogDet(n_terms=3), None, math.inf, True),
+        (RussianRouletteLogDet(lipschitz=0.9), 0.9, 0.0, True),
+        (RussianRouletteLogDet(lipschitz=0.9, per_sample=False), 0.9, 0.0, False),
+        (RussianRouletteLogDet(), None, math.inf, False),
+        (RussianRouletteLogDet(distribution="poisson"), 0.5, 0.0, False),
+    ],
+)
+def test_each_estimator_states_its_guarantees(estimator, lipschitz, bias, certified):
+    """The bias bound (nats, one step of 10 values) and whether a standard error over
+    images of its values is valid: independent per-image draws with finite variance."""
+    assert estimator.bias_bound(lipschitz, 10) == bias
+    assert estimator.error_bar_certified is certified
+
+
+def test_series_bias_bound_holds_against_the_exact_log_det():
+    """A linear branch g(x) = -L x at L = 0.9 (eigenvalues at the bound, where the
+    truncated series errs most): |series - exact| <= bias_bound, and is near it."""
+    lipschitz, dims = 0.9, 6
+    x = torch.zeros(1, dims, dtype=torch.float64)
+    est = PowerSeriesLogDet(n_terms=4, probe="basis")
+    _, series = est(lambda v: -lipschitz * v, x)
+    exact = dims * math.log1p(-lipschitz)
+    error = abs(float(series) - exact)
+    assert error <= est.bias_bound(lipschitz, dims) * (1 + 1e-12)
+    assert error >= 0.99 * est.bias_bound(lipschitz, dims)

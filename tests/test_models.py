@@ -4,13 +4,13 @@ import pickle
 
 import pytest
 import torch
-from conftest import count_host_reads, dense_jacobian_of
+from conftest import count_host_reads, dense_jacobian_of, train_one_step
 from nflows.distributions import Distribution, StandardNormal
 from nflows.transforms import IdentityTransform, PointwiseAffineTransform
 
 from flowattn.errors import ConfigError
+from flowattn.evaluation import estimator_description, using_estimator
 from flowattn.logdet import LogDetEstimator
-from flowattn.metrics import paired_difference
 from flowattn.models import PRESETS, DensityModel, ModelConfig, build_model
 from flowattn.transforms import KINDS
 
@@ -32,17 +32,6 @@ def _model(preset, attention, **config):
 
 def _images(n=4, shape=SHAPE):
     return torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
-
-
-def _train_one_step(model):
-    """One optimiser step: ActNorm initialises on data, every parameter moves."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    y, logdet = model.dequantize(_images(8, model.image_shape).to(model.device))
-    loss = -(model.log_prob(y) + logdet).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return model.eval()
 
 
 class _OutputsOnly(LogDetEstimator):
@@ -102,12 +91,12 @@ def test_model_logdet_equals_dense_jacobian(preset, attention, device):
     """Whole model in float64 with exact log-dets against jacrev of data -> latent."""
     options = {"attention": attention} if attention else {}
     model = build_model(preset, image_shape=(1, 8, 8), blocks=1, hidden=4, **options)
-    _train_one_step(model.to(device=device, dtype=torch.float64))
+    train_one_step(model.to(device=device, dtype=torch.float64))
     y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
-    with model.using_estimator("exact"):
+    with using_estimator(model, "exact"):
         z, logabsdet = model._transform(y)
         log_prob = model.log_prob(y)
-    with model.using_estimator(_OutputsOnly()):  # the Jacobian needs outputs only
+    with using_estimator(model, _OutputsOnly()):  # the Jacobian needs outputs only
         jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
     assert torch.allclose(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8)
     base = StandardNormal([64]).to(device=device, dtype=torch.float64).log_prob(z)
@@ -127,7 +116,7 @@ def test_log_prob_finite_and_gradients_reach_every_parameter(preset, attention):
 
 @pytest.mark.parametrize("preset, attention", CERTIFIED)
 def test_reconstruct_certified_presets(preset, attention, device):
-    model = _train_one_step(_model(preset, attention).to(device))
+    model = train_one_step(_model(preset, attention).to(device))
     y, _ = model.dequantize(_images(6).to(device))
     assert (model.reconstruct(y) - y).abs().max() < 1e-4
     x = _images(6).to(device)
@@ -142,7 +131,7 @@ def test_reconstruct_certified_presets(preset, attention, device):
 @pytest.mark.filterwarnings("ignore::flowattn.transforms.ConvergenceWarning")
 @pytest.mark.parametrize("preset, attention", VARIANTS)
 def test_sample_shapes_and_ranges(preset, attention, device):
-    model = _train_one_step(_model(preset, attention).to(device))
+    model = train_one_step(_model(preset, attention).to(device))
     samples = model.sample(5, temperature=0.7)
     assert samples.shape == (5, *SHAPE) and samples.dtype == torch.float32
     assert samples.device.type == device.type
@@ -157,7 +146,7 @@ def test_sample_shapes_and_ranges(preset, attention, device):
 
 @pytest.mark.parametrize("preset, attention", VARIANTS)
 def test_state_dict_and_pickle_round_trips(preset, attention):
-    model = _train_one_step(_model(preset, attention))
+    model = train_one_step(_model(preset, attention))
     y, _ = model.dequantize(_images())
 
     def log_prob(m):
@@ -181,100 +170,6 @@ def test_state_dict_and_pickle_round_trips(preset, attention):
     assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters(), strict=True))
 
 
-def test_bits_per_dim_names_estimator_and_override():
-    model = _train_one_step(_model("iresnet", None))
-    x = _images(8)
-    default = model.bits_per_dim(x)  # 192 values per image: exact by default
-    assert default.estimator == "exact (dense Jacobian)" and default.unbiased
-    assert default.images == 8 and default.stderr > 0 and default.seconds > 0
-    exact = model.bits_per_dim(x, estimator="exact")
-    assert exact.mean == pytest.approx(default.mean, abs=1e-9)  # same seed, same noise
-    roulette = model.bits_per_dim(x, estimator="roulette", n_terms=3, repeats=2)
-    assert "unbiased" in roulette.estimator and roulette.repeats == 2
-    assert roulette.error_bar_certified and roulette.bias_bound == 0
-    series = model.bits_per_dim(x, estimator="series")
-    assert "power series" in series.estimator and series.bias_bound > 0
-    assert "BIASED" in str(series) and f"{series.bias_bound:.4g}" in str(series)
-    assert "Russian roulette" in model.estimator_description()  # restored afterwards
-    assert model.training is False
-
-
-def test_bits_per_dim_defaults_to_unbiased_roulette_for_large_images():
-    model = build_model("iresnet", image_shape=(3, 16, 16), blocks=1, hidden=8)
-    assert model.default_estimator() == "roulette"
-    result = model.bits_per_dim(_images(4, (3, 16, 16)))
-    assert "per-sample draws" in result.estimator and result.unbiased
-    assert result.error_bar_certified
-    glow = build_model("glow", image_shape=(3, 16, 16), blocks=1, hidden=8)
-    assert glow.default_estimator() == "exact"
-
-
-def test_dequantisation_noise_depends_on_seed_only():
-    model = _train_one_step(_model("glow", None))
-    x = _images(10)
-    a = model.bits_per_dim(x, batch_size=3, seed=5)
-    b = model.bits_per_dim(x, batch_size=10, seed=5)
-    c = model.bits_per_dim(x, seed=6)
-    torch.testing.assert_close(a.values, b.values)
-    assert not torch.allclose(a.values, c.values)
-
-
-def _model_near_its_bound():
-    """An i-ResNet on 8x8 images whose conv branches sit at their bound 0.9 with
-    eigenvalues near -0.9 (the regime where the truncated series is optimistic and
-    training exploited it): g(x) = -0.9 ELU(x), up to small random taps."""
-    torch.manual_seed(3)
-    model = build_model("iresnet", image_shape=(1, 8, 8), blocks=1, hidden=8)
-    model.eval()
-    with torch.no_grad():
-        for _, step in model.residual_steps():
-            for conv, sign in zip(step.branch.convs, (1.0, 1.0, -1.0), strict=True):
-                conv.weight.mul_(0.003)
-                k = conv.weight.shape[-1] // 2
-                n = min(conv.weight.shape[:2])
-                conv.weight[:n, :n, k, k] += sign * torch.eye(n)
-                conv.bias.zero_()
-            conv = step.branch.convs[0]
-            conv.bias.fill_(20.0)  # hidden units in ELU's linear part
-            step.branch.convs[2].bias.fill_(20.0 * 0.9 ** (2 / 3))  # cancels the offset
-    return model
-
-
-def test_model_near_its_bound_has_negative_eigenvalues_at_radius_near_09():
-    model = _model_near_its_bound()
-    x = _images(2, (1, 8, 8))
-    inputs = {}
-    hooks = [
-        step.register_forward_pre_hook(lambda m, a, name=name: inputs.setdefault(name, a[0]))
-        for name, step in model.residual_steps()
-    ]
-    model.log_prob(model.dequantize(x)[0])
-    for h in hooks:
-        h.remove()
-    for name, step in model.residual_steps():
-        jac = dense_jacobian_of(step.branch, inputs[name].double().float())
-        eig = torch.linalg.eigvals(jac.double())
-        assert eig.abs().max() >= 0.85 and eig.real.min() <= -0.85, name
-
-
-def test_estimates_against_exact_on_a_model_near_its_bound():
-    """Default figure exact; roulette within 3 SE of exact (paired, same images and
-    noise); the 5-term series optimistic and within its certified bias bound."""
-    model = _model_near_its_bound()
-    torch.manual_seed(0)
-    x = _images(300, (1, 8, 8))
-    exact = model.bits_per_dim(x, estimator="exact")
-    default = model.bits_per_dim(x)
-    assert default.mean == pytest.approx(exact.mean, abs=1e-9)
-    roulette = model.bits_per_dim(x, estimator="roulette")
-    diff = paired_difference(roulette, exact)
-    assert abs(diff.mean) <= 3 * diff.stderr, diff
-    series = model.bits_per_dim(x, estimator="series", n_terms=5)
-    bias = paired_difference(series, exact)
-    assert bias.mean < -5 * bias.stderr  # optimistic: fewer bits than the truth
-    assert abs(bias.mean) <= series.bias_bound + 3 * bias.stderr
-
-
 def test_bad_inputs_raise_clear_errors():
     model = _model("glow", None)
     with pytest.raises(ValueError, match=r"expects images \(B, 3, 8, 8\)"):
@@ -288,7 +183,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         model.log_prob(torch.full((2, *SHAPE), -0.5))
     # the range check reads one value back to the host (each read stalls an accelerator)
-    assert count_host_reads(lambda: model._check_images(torch.rand(2, *SHAPE), uint8=False)) == 1
+    assert count_host_reads(lambda: model.check_images(torch.rand(2, *SHAPE), uint8=False)) == 1
     with pytest.raises(ValueError, match="latents"):
         model.decode(torch.zeros(2, 5))
 
@@ -334,7 +229,7 @@ def test_attention_certified_switch_reaches_the_model():
     bounds = [b for name, b in certified.lipschitz_bounds().items() if "Attention" in name]
     assert len(bounds) == 1 and bounds[0] <= 0.9 * (1 + 1e-9)
     assert [b for n, b in faithful.lipschitz_bounds().items() if "Attention" in n] == [None]
-    assert "power series" in faithful.estimator_description()  # the faithful kind's series
+    assert "power series" in estimator_description(faithful)  # the faithful kind's series
     with pytest.raises(ValueError, match="attention_certified must be true or false"):
         _model("iresnet-attn", "dot", attention_certified="no")
 
@@ -363,11 +258,11 @@ def test_the_resolved_config_records_the_log_det_gradient(estimator, options, re
 def _assert_trained_exact_logdet_is_dense(model, device):
     """After one training step in float64, the model's exact log-det equals the slogdet
     of the dense Jacobian of data -> latent."""
-    _train_one_step(model.to(device=device, dtype=torch.float64))
+    train_one_step(model.to(device=device, dtype=torch.float64))
     y = torch.rand(2, 1, 8, 8, dtype=torch.float64, device=device) * 0.9 + 0.05
-    with model.using_estimator("exact"):
+    with using_estimator(model, "exact"):
         _, logabsdet = model._transform(y)
-    with model.using_estimator(_OutputsOnly()):
+    with using_estimator(model, _OutputsOnly()):
         jac = dense_jacobian_of(lambda t: model._transform(t)[0], y)
     torch.testing.assert_close(logabsdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-8, rtol=0)
 

@@ -1,0 +1,233 @@
+"""``ModelConfig``: everything that defines a model's architecture, with the presets'
+and sizes' defaults, checked once when it is resolved."""
+
+from __future__ import annotations
+
+__all__ = ["EXTRA_STEPS", "PRESETS", "SIZES", "ModelConfig"]
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import ConfigError
+from ..logdet import ESTIMATORS, estimator_defaults
+from ..names import check_names, closest
+from ..nn.attention_kinds import KINDS, PAPER_KINDS
+from ..nn.conv_branch import ACTIVATIONS
+from ..solvers import SOLVERS
+
+Preset = Literal["iresnet", "iresnet-attn", "resflow", "glow", "glow-attn"]
+PRESETS: tuple[str, ...] = typing.get_args(Preset)
+SIZES = {
+    "tiny": {"scales": 2, "blocks": 2, "hidden": 16},
+    "small": {"scales": 3, "blocks": 4, "hidden": 64},
+    "paper": {"scales": 3, "blocks": 16, "hidden": 512},
+}
+ORDINARY_ATTENTION = ("sagan",)
+PREPROCESSING = ("logit", "shift")
+
+_PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "iresnet": {"activation": "elu", "estimator": "roulette", "preprocess": "logit"},
+    "iresnet-attn": {
+        "activation": "elu",
+        "estimator": "roulette",
+        "attention": "external",
+        "preprocess": "logit",
+    },
+    "resflow": {"activation": "lipswish", "estimator": "roulette", "preprocess": "logit"},
+    "glow": {"preprocess": "shift"},
+    "glow-attn": {"attention": "sagan", "preprocess": "shift"},
+}
+
+
+EXTRA_STEPS = ("actnorm", "conv")
+"""The controls ``ModelConfig.extra_step`` can put where the attention step would be."""
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a model's architecture (see :func:`build_model`).
+
+    Attributes:
+        preset: One of :data:`PRESETS`.
+        image_shape: (C, H, W) of the images.
+        size: ``tiny``, ``small`` or ``paper``: defaults for scales, blocks, hidden.
+        scales: Multi-scale levels (H and W must be divisible by 2**scales).
+        blocks: Flow steps per level.
+        hidden: Hidden channels of residual branches and coupling conditioners.
+        coeff: Certified Lipschitz bound of each convolutional residual branch.
+        activation: ``elu`` or ``lipswish`` (residual presets).
+        attention: Invertible kind (residual presets: one of
+            :data:`~flowattn.transforms.KINDS`), ``sagan`` (Glow presets), or None.
+        attention_coeff: Lipschitz coefficient of the invertible attention step.
+        attention_certified: For the paper's four kinds, the certified version (default)
+            or, with False, the faithful uncertified reproduction.
+        attention_options: Extra branch options (``heads``, ``slots``, ``reduction``...).
+        attention_scale: The scale (0 = the first) at whose end the attention step, or
+            the ``extra_step`` control, goes. Each scale halves H and W, so the step's
+            N = H W / 4**(attention_scale + 1) tokens shrink fourfold per scale, and its
+            N x N responses sixteenfold (on 3 x 32 x 32 images: 256 tokens at scale 0,
+            64 at scale 1). Glow presets: the scale whose couplings use ``sagan``.
+        extra_step: Residual presets without attention: one more step where
+            ``iresnet-attn`` puts its attention step (the end of ``attention_scale``), the
+            controls of an attention ablation: ``actnorm`` (the attention step's ActNorm
+            with no branch, so the step count is the same) or ``conv`` (that ActNorm and
+            one more convolutional residual block, with ``coeff``). None: no extra step.
+        estimator: The training log-det estimator of residual presets: ``roulette``
+            (default: unbiased, geometric number of terms chosen from the certified
+            bounds ``coeff`` and ``attention_coeff`` so its variance is finite, one draw
+            per batch, Neumann gradient), ``series`` (truncated: biased, and training
+            can exploit the bias) or ``exact``.
+        n_terms: Series terms (default 5), or exact leading terms of the roulette
+            (default 2).
+        n_probes: Hutchinson probes per sample.
+        estimator_options: Extra estimator options (``gradient``, ``memory_efficient``...).
+        solver: Fixed-point solver of the inverses (``anderson`` or ``banach``).
+        max_iter: Iteration cap of the inverses.
+        preprocess: ``logit`` (Real NVP) or ``shift`` (Glow's y - 1/2).
+        logit_alpha: Margin of the logit.
+    """
+
+    preset: str = "iresnet-attn"
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    size: str = "tiny"
+    scales: int | None = None
+    blocks: int | None = None
+    hidden: int | None = None
+    coeff: float = 0.9
+    activation: str | None = None
+    attention: str | None = None
+    attention_coeff: float = 0.9
+    attention_certified: bool = True
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    attention_scale: int = 0
+    extra_step: str | None = None
+    estimator: str | None = None
+    n_terms: int | None = None
+    n_probes: int = 1
+    estimator_options: dict[str, Any] = field(default_factory=dict)
+    solver: str = "anderson"
+    max_iter: int = 500
+    preprocess: str | None = None
+    logit_alpha: float = 0.05
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Builds and resolves a config; unknown keys raise a ValueError naming the closest."""
+        check_names(values, [f.name for f in dataclasses.fields(cls)], "model option")
+        return cls(**values).resolved()
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> ModelConfig:
+        """Reads a TOML file: its ``[model]`` table, or its top level if it has none."""
+        from ..configs import read_file
+
+        data = read_file(path)
+        values = data.get("model", data)
+        return cls.from_dict({**values, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self) -> ModelConfig:
+        """Fills preset and size defaults and checks every value."""
+        if self.preset not in PRESETS:
+            close = closest(self.preset, PRESETS)
+            hint = f" (did you mean {close!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown preset {self.preset!r}{hint}; valid presets: {', '.join(PRESETS)}"
+            )
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown size {self.size!r}; valid sizes: {', '.join(SIZES)}")
+        values = self.to_dict()
+        for key, value in {**SIZES[self.size], **_PRESET_DEFAULTS[self.preset]}.items():
+            if values[key] is None:
+                values[key] = value
+        if values["n_terms"] is None:
+            values["n_terms"] = 2 if values["estimator"] == "roulette" else 5
+        estimator = values["estimator"]
+        if estimator in ESTIMATORS and "gradient" not in values["estimator_options"]:
+            # recorded, so that a saved config keeps the log-det gradient it trained with
+            # should the default change (the series' did, from "backprop", in 0.2.1)
+            default = estimator_defaults(estimator).get("gradient")
+            if default is not None:
+                values["estimator_options"] = {**values["estimator_options"], "gradient": default}
+        for key in ("attention", "extra_step"):
+            if values[key] in ("none", ""):
+                values[key] = None
+        values["image_shape"] = tuple(int(s) for s in values["image_shape"])
+        config = ModelConfig(**values)
+        config._check()
+        return config
+
+    @property
+    def residual(self) -> bool:
+        return not self.preset.startswith("glow")
+
+    def _check(self) -> None:
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ConfigError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        _, h, w = self.image_shape
+        for name in ("scales", "blocks", "hidden", "n_terms", "n_probes", "max_iter"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if h % 2**self.scales or w % 2**self.scales:
+            raise ConfigError(
+                f"{self.scales} scales need H and W divisible by {2**self.scales}; "
+                f"image_shape is {self.image_shape}: use fewer scales"
+            )
+        if (
+            not isinstance(self.attention_scale, int)
+            or isinstance(self.attention_scale, bool)
+            or not 0 <= self.attention_scale < self.scales
+        ):
+            raise ConfigError(
+                f"attention_scale must be an integer in [0, {self.scales - 1}] (the model "
+                f"has {self.scales} scales), got {self.attention_scale!r}"
+            )
+        if not isinstance(self.attention_certified, bool):
+            raise ConfigError(
+                f"attention_certified must be true or false, got {self.attention_certified!r}"
+            )
+        if not 0 < self.coeff < 1 or not 0 < self.attention_coeff < 1:
+            raise ConfigError("coeff and attention_coeff must be in (0, 1)")
+        if self.preprocess not in PREPROCESSING:
+            raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSING)}")
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}")
+        if self.residual:
+            if self.activation not in ACTIVATIONS:
+                raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}")
+            if self.estimator not in ESTIMATORS:
+                raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}")
+            if self.attention is not None and self.attention not in KINDS:
+                raise ConfigError(
+                    f"preset {self.preset!r} takes an invertible attention kind "
+                    f"({', '.join(KINDS)}) or none, got {self.attention!r}"
+                )
+            uncertified = self.attention is not None and not self.attention_certified
+            if uncertified and self.attention not in PAPER_KINDS:
+                raise ConfigError(
+                    f"attention kind {self.attention!r} has no uncertified form: "
+                    "attention_certified = false is for the paper's kinds "
+                    f"({', '.join(PAPER_KINDS)})"
+                )
+            if self.extra_step not in (None, *EXTRA_STEPS):
+                raise ConfigError(
+                    f"extra_step must be one of {', '.join(EXTRA_STEPS)} or none, "
+                    f"got {self.extra_step!r}"
+                )
+            if self.extra_step is not None and self.attention is not None:
+                raise ConfigError(
+                    f"extra_step={self.extra_step!r} is a control in place of the attention "
+                    f"step: it takes attention = none, got {self.attention!r}"
+                )
+        elif self.extra_step is not None:
+            raise ConfigError(f"extra_step is for residual presets, not {self.preset!r}")
+        elif self.attention is not None and self.attention not in ORDINARY_ATTENTION:
+            raise ConfigError(
+                f"preset {self.preset!r} takes ordinary attention "
+                f"({', '.join(ORDINARY_ATTENTION)}) or none, got {self.attention!r}"
+            )

@@ -1,0 +1,228 @@
+"""The image density model: an nflows ``Flow`` with the bits/dim, encode, decode and
+sample API (evaluation itself is :mod:`flowattn.evaluation`)."""
+
+from __future__ import annotations
+
+__all__ = ["DensityModel"]
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from nflows.distributions import Distribution, StandardNormal
+from nflows.flows import Flow
+from nflows.transforms import CompositeTransform, Transform
+from torch import Tensor
+
+from .. import evaluation
+from ..logdet import LogDetEstimator
+from ..metrics import BitsPerDim
+from ..transforms.preprocess import UniformDequantization, outside_range
+from ..transforms.residual import ResidualTransform
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+
+
+class DensityModel(Flow):
+    r"""A flow density model over images, with the bits-per-dim and inversion API.
+
+    ``log_prob(y)`` takes dequantised images :math:`y \in [0, 1]^{C \times H \times W}`
+    (B, C, H, W) and returns the log-density (B,) in nats, every preprocessing log-det
+    included. :meth:`bits_per_dim` takes 8-bit images. :meth:`encode` maps images to
+    the flat latent (B, D), :meth:`decode` back, :meth:`sample` draws images.
+
+    Arguments:
+        preprocess: Transform applied first (e.g. logit), data -> real line.
+        body: The flow proper, ending in flat (B, D) latents or image-shaped ones.
+        image_shape: (C, H, W).
+        distribution: Base distribution (default standard normal on D values).
+        config: The :class:`ModelConfig` it was built from, if any.
+        levels: The body's steps grouped by scale (nflows ``CompositeTransform`` each,
+            already inside ``body``), which names the residual steps ``scaleL.stepK``;
+            without it they are named by their module path.
+
+    Examples:
+        >>> from flowattn import build_model
+        >>> model = build_model("iresnet-attn", image_shape=(1, 8, 8), blocks=1, hidden=8)
+        >>> x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+        >>> model.bits_per_dim(x).mean > 0
+        True
+        >>> bool((model.reconstruct(x) == x).all())
+        True
+    """
+
+    def __init__(
+        self,
+        preprocess: Transform,
+        body: Transform,
+        image_shape: tuple[int, int, int],
+        distribution: Distribution | None = None,
+        config: ModelConfig | None = None,
+        levels: Sequence[CompositeTransform] | None = None,
+    ):
+        self.num_dims = math.prod(image_shape)
+        if distribution is None:
+            distribution = StandardNormal([self.num_dims])
+        super().__init__(CompositeTransform([preprocess, body]), distribution)
+        self.image_shape = tuple(image_shape)
+        self.config = config
+        self.dequantize = UniformDequantization(bits=8)
+        # (readable name, step) of every residual step; a plain list, not submodules (the
+        # steps are registered once, inside the body)
+        self._residual_steps = _residual_steps_of(body, levels)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    def check_images(self, x: Tensor, *, uint8: bool | None = None) -> Tensor:
+        """``x`` on the model's device after checking it is (B, C, H, W) images of the
+        model's shape: uint8 (``uint8=True``), floats in [0, 1] (False) or either (None)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"model expects images (B, {', '.join(map(str, self.image_shape))}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if uint8 is True and x.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 images (0..255), got {x.dtype}")
+        if uint8 is False:
+            if not x.is_floating_point():
+                raise TypeError(
+                    f"expected float images in [0, 1], got {x.dtype} "
+                    "(use bits_per_dim for 8-bit images)"
+                )
+            if x.numel() and outside_range(x, 0, 1):
+                raise ValueError("expected float images in [0, 1]")
+        return x.to(self.device)
+
+    def _log_prob(self, inputs: Tensor, context: Tensor | None) -> Tensor:
+        inputs = self.check_images(inputs, uint8=False)
+        if not torch.is_grad_enabled():  # branches cache their certificates already
+            return super()._log_prob(inputs, context)
+        with contextlib.ExitStack() as stack:
+            # certificates first, while no activation is held (peak memory)
+            for _, step in self.residual_steps():
+                stack.enter_context(step.certified_once())
+            return super()._log_prob(inputs, context)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Puts the model in eval mode for the block, restoring the previous mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    @contextlib.contextmanager
+    def log_dets_skipped(self) -> Iterator[None]:
+        """Every residual step skips its log-det estimate within the block
+        (:meth:`~flowattn.transforms.residual.ResidualTransform.log_dets_skipped`):
+        :meth:`encode`, :meth:`decode` and :meth:`sample` discard the log-dets."""
+        with contextlib.ExitStack() as stack:
+            for _, step in self.residual_steps():
+                stack.enter_context(step.log_dets_skipped())
+            yield
+
+    def residual_steps(self) -> Iterator[tuple[str, ResidualTransform]]:
+        """The residual steps (convolutional and attention) with readable names such as
+        ``scale0.step2 (ConvResidualBranch)``."""
+        yield from self._residual_steps
+
+    def lipschitz_bounds(self) -> dict[str, float | None]:
+        """Each residual step's certified Lipschitz bound at the model's image size (None
+        where uncertified)."""
+        return {name: step.lipschitz_bound() for name, step in self.residual_steps()}
+
+    def bits_per_dim(
+        self,
+        x: Tensor,
+        *,
+        repeats: int = 1,
+        batch_size: int = 256,
+        estimator: str | LogDetEstimator | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        **estimator_options: Any,
+    ) -> BitsPerDim:
+        """Bits/dim of uint8 images (N, C, H, W) with an honest standard error and the
+        certified bias bound of the estimator: :func:`flowattn.evaluation.bits_per_dim`
+        (exact log-dets for small images, else the unbiased roulette)."""
+        return evaluation.bits_per_dim(
+            self, x, repeats=repeats, batch_size=batch_size, estimator=estimator, seed=seed,
+            progress=progress, **estimator_options,
+        )  # fmt: skip
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images (B, C, H, W) -> latents (B, D). uint8 images use bin centres."""
+        if x.dtype == torch.uint8:
+            x, _ = UniformDequantization(noise=False)(self.check_images(x, uint8=True))
+        x = self.check_images(x, uint8=False)
+        with self.evaluating(), torch.no_grad(), self.log_dets_skipped():
+            z, _ = self._transform(x)
+        return z.reshape(x.shape[0], -1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents (B, D) -> images (B, C, H, W) in [0, 1] (unclamped)."""
+        if z.dim() != 2 or z.shape[1] != self.num_dims:
+            raise ValueError(f"expected latents (B, {self.num_dims}), got shape {tuple(z.shape)}")
+        with self.evaluating(), torch.no_grad(), self.log_dets_skipped():
+            x, _ = self._transform.inverse(z.to(self.device))
+        return x.reshape(z.shape[0], *self.image_shape)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """decode(encode(x)): float images in [0, 1] -> float; uint8 -> uint8 (quantised)."""
+        x_hat = self.decode(self.encode(x))
+        if x.dtype == torch.uint8:
+            x_hat, _ = self.dequantize.inverse(x_hat)
+            return x_hat.to(torch.uint8)
+        return x_hat
+
+    def sample(
+        self,
+        num_samples: int,
+        context: Tensor | None = None,
+        batch_size: int | None = None,
+        *,
+        temperature: float = 1.0,
+        as_uint8: bool = False,
+    ) -> Tensor:
+        """Draws images (n, C, H, W) in [0, 1] (or uint8) with latents scaled by ``temperature``."""
+        if context is not None:
+            raise ValueError("image density models are unconditional: context must be None")
+        if temperature < 0:
+            raise ValueError(f"temperature must be non-negative, got {temperature}")
+        batch_size = num_samples if batch_size is None else batch_size
+        out = []
+        for start in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - start)
+            z = torch.randn(n, self.num_dims, device=self.device) * temperature
+            out.append(self.decode(z).clamp(0, 1))
+        images = torch.cat(out) if out else torch.empty(0, *self.image_shape)
+        if as_uint8:
+            images, _ = self.dequantize.inverse(images)
+            return images.to(torch.uint8)
+        return images
+
+
+def _residual_steps_of(
+    body: Transform, levels: Sequence[CompositeTransform] | None
+) -> list[tuple[str, ResidualTransform]]:
+    """(readable name, step) of the residual steps in ``body``, in order."""
+    if levels is None:
+        return [(n, m) for n, m in body.named_modules() if isinstance(m, ResidualTransform)]
+    steps = []
+    for level, composite in enumerate(levels):
+        (children,) = composite.children()  # the composite's one ModuleList of steps
+        for k, step in enumerate(children):
+            if isinstance(step, ResidualTransform):
+                steps.append((f"scale{level}.step{k} ({type(step.branch).__name__})", step))
+    return steps
