@@ -17,6 +17,7 @@ scikit-learn's 8x8 handwritten digits, which ship inside the package (no downloa
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -151,6 +152,12 @@ def _output_image(text: str | Path) -> Path:
     return path
 
 
+def _raise_terminated(signum, frame) -> None:
+    from .runs import Terminated
+
+    raise Terminated()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
     import os
@@ -170,6 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             config.device = f"cuda:{local}"
+    # SIGTERM (what schedulers send) stops the run like Ctrl-C, with a checkpoint; the
+    # command installs the handler, the library does not
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = run_training(
             config,
@@ -180,6 +190,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"flowattn: error: {error}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if world > 1:
             import torch.distributed as dist
 

@@ -32,6 +32,7 @@ __all__ = [
     "ConvBoundMemory",
     "RowL1Rescale",
     "SpectralRescale",
+    "contraction_scale",
     "conv_power_iteration",
     "conv_spectral_upper_bound",
     "inf_norm",
@@ -137,8 +138,20 @@ class RowL1Rescale(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         rows = weight.reshape(weight.shape[0], -1).abs().sum(dim=1)
-        scale = torch.clamp(self.coeff / rows.clamp_min(1e-12), max=1.0)
+        scale = contraction_scale(self.coeff, rows)
         return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def contraction_scale(coeff: float | Tensor, bound: Tensor) -> Tensor:
+    """The factor :math:`\\min(1, c / L)` that brings a map with Lipschitz bound L down to
+    c (the one rescale-to-coefficient of every certified layer and branch); a bound of 0
+    gives 1.
+
+    Examples:
+        >>> contraction_scale(0.9, torch.tensor([0.5, 3.0]))
+        tensor([1.0000, 0.3000])
+    """
+    return torch.clamp(coeff / bound.clamp_min(1e-12), max=1.0)
 
 
 class SpectralRescale(nn.Module):
@@ -165,7 +178,7 @@ class SpectralRescale(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         sigma = spectral_norm(weight)
-        return weight * torch.clamp(self.coeff / sigma.clamp_min(1e-12), max=1.0)
+        return weight * contraction_scale(self.coeff, sigma)
 
 
 class ConstrainedLinear(nn.Linear):

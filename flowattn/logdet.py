@@ -389,6 +389,40 @@ def roulette_probability(lipschitz: float) -> float:
     return min(0.5, 1.0 - lipschitz ** (4 / 3))
 
 
+def _checked_roulette_p(
+    n_exact: int,
+    distribution: str,
+    p: float | None,
+    lam: float,
+    lipschitz: float | None,
+    max_terms: int,
+) -> float:
+    """The roulette's geometric p (given, or chosen from ``lipschitz``) after checking
+    every option of :class:`RussianRouletteLogDet`; a p whose variance would be infinite
+    for the branch's bound is refused."""
+    if distribution not in ("geometric", "poisson"):
+        raise ValueError(f"unknown distribution {distribution!r}; valid: geometric, poisson")
+    if n_exact < 0:
+        raise ValueError(f"n_exact must be non-negative, got {n_exact}")
+    if lipschitz is not None and not 0 <= lipschitz < 1:
+        raise ValueError(f"lipschitz must be in [0, 1) for the series to converge, got {lipschitz}")
+    if p is None:
+        p = 0.5 if lipschitz is None else roulette_probability(lipschitz)
+    if not 0 < p < 1:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if lam <= 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    if distribution == "geometric" and lipschitz is not None and 1 - p < lipschitz**2:
+        raise ValueError(
+            f"p={p} makes the roulette's variance infinite for a branch with Lipschitz "
+            f"bound {lipschitz}: it needs p <= 1 - lipschitz^2 = {1 - lipschitz**2:.4g} "
+            f"(leave p out to choose {roulette_probability(lipschitz):.4g})"
+        )
+    if max_terms <= n_exact:
+        raise ValueError(f"max_terms ({max_terms}) must exceed n_exact ({n_exact})")
+    return p
+
+
 class RussianRouletteLogDet(_SeriesLogDet):
     r"""Unbiased Russian-roulette estimator of the log-det series (Residual Flows).
 
@@ -451,31 +485,9 @@ class RussianRouletteLogDet(_SeriesLogDet):
         memory_efficient: bool = False,
     ):
         super().__init__(n_probes, probe, gradient, memory_efficient)
-        if distribution not in ("geometric", "poisson"):
-            raise ValueError(f"unknown distribution {distribution!r}; valid: geometric, poisson")
-        if n_exact < 0:
-            raise ValueError(f"n_exact must be non-negative, got {n_exact}")
-        if lipschitz is not None and not 0 <= lipschitz < 1:
-            raise ValueError(
-                f"lipschitz must be in [0, 1) for the series to converge, got {lipschitz}"
-            )
-        if p is None:
-            p = 0.5 if lipschitz is None else roulette_probability(lipschitz)
-        if not 0 < p < 1:
-            raise ValueError(f"p must be in (0, 1), got {p}")
-        if lam <= 0:
-            raise ValueError(f"lam must be positive, got {lam}")
-        if distribution == "geometric" and lipschitz is not None and 1 - p < lipschitz**2:
-            raise ValueError(
-                f"p={p} makes the roulette's variance infinite for a branch with Lipschitz "
-                f"bound {lipschitz}: it needs p <= 1 - lipschitz^2 = {1 - lipschitz**2:.4g} "
-                f"(leave p out to choose {roulette_probability(lipschitz):.4g})"
-            )
-        if max_terms <= n_exact:
-            raise ValueError(f"max_terms ({max_terms}) must exceed n_exact ({n_exact})")
         self.n_exact = n_exact
         self.distribution = distribution
-        self.p = p
+        self.p = _checked_roulette_p(n_exact, distribution, p, lam, lipschitz, max_terms)
         self.lam = lam
         self.lipschitz = lipschitz
         self.per_sample = per_sample

@@ -17,8 +17,6 @@ import hashlib
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from .errors import ConfigError, first_line
 from .metrics import BitsPerDim, reconstruction_error
 from .models import DensityModel, ModelConfig, Preset, build_model
 from .runlock import RunLock, RunLockedError
-from .training import EMA, BatchLoss, Every, Hook, NonFiniteLossError, Trainer
+from .training import EMA, BatchLoss, Every, Hook, NonFiniteLossError, Trainer, copy_parameters
 
 
 @dataclass
@@ -252,19 +250,12 @@ def load_run_model(
         reason = first_line(error)
         raise CheckpointError(f"checkpoint does not match its model config: {reason}") from None
     if ema and trainer.get("ema") is not None:
-        averaged = EMA.parameters_in(trainer["ema"])
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(averaged[name])
+        copy_parameters(model, EMA.parameters_in(trainer["ema"]))
     return model.to(target).eval(), state
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers send), handled like Ctrl-C."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
 
 
 def state_is_finite(trainer: Trainer, batch: torch.Tensor) -> str | None:
@@ -356,9 +347,10 @@ def run_training(
 
     Safety: the run directory is locked for the process (:class:`~flowattn.runlock.RunLock`);
     a state is checkpointed only after :func:`state_is_finite` passes, and the replaced
-    checkpoint is kept as ``checkpoint.prev.pt``; Ctrl-C and SIGTERM write a checkpoint
-    and return with ``interrupted`` set. Everything is validated before the run
-    directory is created.
+    checkpoint is kept as ``checkpoint.prev.pt``; Ctrl-C (a ``KeyboardInterrupt``, or
+    :class:`Terminated`, which the ``flowattn train`` command raises on SIGTERM: library
+    code installs no signal handler) writes a checkpoint and returns with
+    ``interrupted`` set. Everything is validated before the run directory is created.
     """
     config.check()
     rank = _rank()
@@ -624,9 +616,6 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
 
     interrupted = False
     budget = None if config.time_budget is None else config.time_budget * 60
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():
-        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         trainer.run(config.steps, budget, progress=progress, hooks=hooks)
     except KeyboardInterrupt as stop:
@@ -640,9 +629,6 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
         if rank == 0:
             log(f"stopping; {kept}")
         raise NonFiniteLossError(f"{error}; {kept}") from None
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     common = {
         "skipped": trainer.result.skipped,
         "rank": rank,

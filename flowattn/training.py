@@ -29,9 +29,11 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "WarmedUpDecay",
+    "copy_parameters",
     "train",
 ]
 
+import dataclasses
 import math
 import random
 import time
@@ -44,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .images import check_images
 from .metrics import bits_per_dim
 from .models import DensityModel
 
@@ -73,6 +76,50 @@ class TrainResult:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain data (for a checkpoint)."""
+        return dataclasses.asdict(self)
+
+
+class NonFiniteSteps:
+    """The skip policy: a step whose loss or gradient is not finite is skipped and
+    counted; ``max_in_row`` of them in a row raise :class:`NonFiniteLossError`."""
+
+    def __init__(self, max_in_row: int):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+
+    def record(self, finite: bool, step: int) -> None:
+        """Counts one step (finite or not); raises when too many in a row were not."""
+        self.in_row = 0 if finite else self.in_row + 1
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteLossError(
+                f"{self.in_row} consecutive steps with a non-finite loss or gradient "
+                f"at step {step}; stopping (lower the learning rate or coefficients)"
+            )
+
+
+def warmed_up_lr(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    """Sets each parameter group's learning rate to its base rate times ``factor``."""
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * factor
+
+
+def _world() -> tuple[bool, int, int]:
+    """(distributed, rank, world size) of this process."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed:
+        return False, 0, 1
+    return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+@torch.no_grad()
+def copy_parameters(model: nn.Module, values: dict[str, Tensor]) -> None:
+    """Copies ``values[name]`` into each of the model's parameters, in place (the one
+    weight swap: EMA weights in and out, a checkpoint's EMA weights loaded)."""
+    for name, p in model.named_parameters():
+        p.copy_(values[name])
 
 
 class WarmedUpDecay:
@@ -142,17 +189,13 @@ class EMA:
 
     @contextmanager
     def applied(self) -> Iterator[None]:
+        """The averaged weights in the model for the block, its own back after it."""
         saved = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        averaged = dict(self.named_parameters())
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(averaged[name])
+        copy_parameters(self.model, dict(self.named_parameters()))
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in self.model.named_parameters():
-                    p.copy_(saved[name])
+            copy_parameters(self.model, saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "averaged": self.averaged.state_dict()}
@@ -390,30 +433,19 @@ class Trainer:
         max_bad_steps: int = 20,
         seed: int = 0,
     ):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
-                f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
-        if tuple(images.shape[1:]) != model.image_shape:
-            raise ValueError(
-                f"images of shape {tuple(images.shape[1:])} do not fit a model of "
-                f"image shape {model.image_shape}"
-            )
+        check_images(images, shape=model.image_shape, uint8=True, owner="the model")
         self.model = model
         self.images = images
-        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = torch.distributed.get_rank() if self.distributed else 0
-        self.world_size = torch.distributed.get_world_size() if self.distributed else 1
+        self.distributed, self.rank, self.world_size = _world()
         self.batches = BatchOrder(len(images), batch_size, seed, self.rank, self.world_size)
         self.batch_size = batch_size
         self.warmup = warmup
         self.clip = clip
-        self.max_bad_steps = max_bad_steps
+        self.skips = NonFiniteSteps(max_bad_steps)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.ema = EMA(model, ema) if ema > 0 else None
         self.step = 0
-        self.bad_in_row = 0
         self.stopping = False
         self.result = TrainResult()
         self.last_grad_norm = math.nan
@@ -435,9 +467,7 @@ class Trainer:
     def train_step(self) -> float:
         """One optimiser step; returns the loss (NaN if skipped as non-finite)."""
         self.model.train()
-        factor = min(1.0, (self.step + 1) / max(1, self.warmup))
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
+        warmed_up_lr(self.optimizer, self.base_lrs, min(1.0, (self.step + 1) / max(1, self.warmup)))
         start = time.perf_counter()
         batch = self._next_batch()
         loss = self.loss_module(batch)
@@ -457,14 +487,9 @@ class Trainer:
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.result.skipped += 1
-            self.bad_in_row += 1
-            if self.bad_in_row >= self.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"{self.bad_in_row} consecutive steps with a non-finite loss or gradient "
-                    f"at step {self.step}; stopping (lower the learning rate or coefficients)"
-                )
+        self.skips.record(finite, self.step)
+        if not finite:
             return math.nan
-        self.bad_in_row = 0
         self.step += 1
         self.result.steps += 1
         self.result.images += self.batch_size
@@ -481,39 +506,8 @@ class Trainer:
         hooks: Sequence[Hook] = (),
     ) -> TrainResult:
         """Trains until ``max_steps`` total steps, ``time_budget`` seconds of training in
-        this call, or a hook calls :meth:`stop`.
-
-        Every hook's ``after_step`` runs after each completed step (logs, evaluations,
-        checkpoints: see :class:`Every`), and its ``after_run`` when the call ends.
-        """
-        if max_steps is None and time_budget is None:
-            raise ValueError("give max_steps or time_budget")
-        bar = None
-        if progress and self.rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=max_steps, initial=self.step, desc="train", unit="step")
-        started = self.result.seconds
-        self.stopping = False
-        try:
-            while (max_steps is None or self.step < max_steps) and not self.stopping:
-                if time_budget is not None and self.result.seconds - started >= time_budget:
-                    break
-                loss = self.train_step()
-                if math.isnan(loss):
-                    continue
-                for hook in hooks:
-                    hook.after_step(self, loss)
-                if bar is not None:
-                    bar.update(1)
-                    rate = self.result.images_per_second
-                    bar.set_postfix(train_loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
-        finally:
-            if bar is not None:
-                bar.close()
-            for hook in hooks:
-                hook.after_run(self)
-        return self.result
+        this call, or a hook calls :meth:`stop`: :func:`run_steps`."""
+        return run_steps(self, max_steps, time_budget, progress=progress, hooks=hooks)
 
     def stop(self) -> None:
         """Ends :meth:`run` after the current step (for hooks)."""
@@ -537,13 +531,7 @@ class Trainer:
             "step": self.step,
             "batches": self.batches.state_dict(),
             "random": _random_states(),
-            "result": {
-                "steps": self.result.steps,
-                "images": self.result.images,
-                "seconds": self.result.seconds,
-                "losses": self.result.losses,
-                "skipped": self.result.skipped,
-            },
+            "result": self.result.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -555,6 +543,52 @@ class Trainer:
         self.batches.load_state_dict(state["batches"])
         _set_random_states(state["random"])
         self.result = TrainResult(**state["result"])
+
+
+def run_steps(
+    trainer: Trainer,
+    max_steps: int | None = None,
+    time_budget: float | None = None,
+    *,
+    progress: bool = True,
+    hooks: Sequence[Hook] = (),
+) -> TrainResult:
+    """The training loop: ``trainer.train_step()`` until ``max_steps`` total steps,
+    ``time_budget`` seconds of training in this call, or a hook calls
+    :meth:`Trainer.stop`; skipped (non-finite) steps run no hook. A progress bar on
+    rank 0 shows the loss and the images per second.
+
+    Every hook's ``after_step`` runs after each completed step (logs, evaluations,
+    checkpoints: see :class:`Every`), and its ``after_run`` when the call ends.
+    """
+    if max_steps is None and time_budget is None:
+        raise ValueError("give max_steps or time_budget")
+    bar = None
+    if progress and trainer.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_steps, initial=trainer.step, desc="train", unit="step")
+    started = trainer.result.seconds
+    trainer.stopping = False
+    try:
+        while (max_steps is None or trainer.step < max_steps) and not trainer.stopping:
+            if time_budget is not None and trainer.result.seconds - started >= time_budget:
+                break
+            loss = trainer.train_step()
+            if math.isnan(loss):
+                continue
+            for hook in hooks:
+                hook.after_step(trainer, loss)
+            if bar is not None:
+                bar.update(1)
+                rate = trainer.result.images_per_second
+                bar.set_postfix(train_loss=f"{loss:.3f}", img_s=f"{rate:.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        for hook in hooks:
+            hook.after_run(trainer)
+    return trainer.result
 
 
 def train(

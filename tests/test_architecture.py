@@ -9,7 +9,13 @@ import pytest
 import flowattn
 
 LAYERS = {
-    0: ["flowattn.errors", "flowattn.names", "flowattn.precision", "flowattn.configs"],
+    0: [
+        "flowattn.errors",
+        "flowattn.names",
+        "flowattn.precision",
+        "flowattn.configs",
+        "flowattn.images",
+    ],
     1: ["flowattn.lipschitz", "flowattn.logdet", "flowattn.solvers", "flowattn.metrics"],
     2: ["flowattn.nn"],
     3: ["flowattn.transforms"],

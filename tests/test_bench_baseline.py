@@ -30,7 +30,7 @@ def test_an_older_checkout_imports_as_its_own_package(tmp_path):
         from flowattn_baseline_test.models import build_model
 
         assert old.__name__ == "flowattn_baseline_test" and old is not flowattn
-        assert build_model.__module__ == "flowattn_baseline_test.models"
+        assert build_model.__module__ == "flowattn_baseline_test.models.builder"
         assert absolute_probe.build_model is build_model
         assert absolute_probe.conv.__name__ == "flowattn_baseline_test.nn.conv_branch"
         copy = Path(old.__file__).parent

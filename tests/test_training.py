@@ -61,8 +61,10 @@ def test_bad_arguments():
     model = build_model("glow", image_shape=(1, 8, 8), blocks=1, hidden=4)
     with pytest.raises(ValueError, match="max_steps or time_budget"):
         train(model, torch.zeros(4, 1, 8, 8, dtype=torch.uint8), batch_size=2)
-    with pytest.raises(ValueError, match="uint8"):
+    with pytest.raises(TypeError, match="uint8"):
         train(model, torch.zeros(4, 1, 8, 8), max_steps=1)
+    with pytest.raises(ValueError, match=r"expects images \(B, 1, 8, 8\)"):
+        train(model, torch.zeros(4, 1, 4, 4, dtype=torch.uint8), max_steps=1)
 
 
 def _constant_net(value: float) -> torch.nn.Module:

@@ -159,75 +159,78 @@ class ModelConfig:
                 values[key] = None
         values["image_shape"] = tuple(int(s) for s in values["image_shape"])
         config = ModelConfig(**values)
-        config._check()
+        _check(config)
         return config
 
     @property
     def residual(self) -> bool:
         return not self.preset.startswith("glow")
 
-    def _check(self) -> None:
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ConfigError(f"image_shape must be (C, H, W), got {self.image_shape}")
-        _, h, w = self.image_shape
-        for name in ("scales", "blocks", "hidden", "n_terms", "n_probes", "max_iter"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if h % 2**self.scales or w % 2**self.scales:
+
+def _check(config: ModelConfig) -> None:
+    """Raises a :class:`~flowattn.errors.ConfigError` naming the first setting of a
+    resolved config that is out of range or inconsistent with another."""
+    if len(config.image_shape) != 3 or min(config.image_shape) < 1:
+        raise ConfigError(f"image_shape must be (C, H, W), got {config.image_shape}")
+    _, h, w = config.image_shape
+    for name in ("scales", "blocks", "hidden", "n_terms", "n_probes", "max_iter"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    if h % 2**config.scales or w % 2**config.scales:
+        raise ConfigError(
+            f"{config.scales} scales need H and W divisible by {2**config.scales}; "
+            f"image_shape is {config.image_shape}: use fewer scales"
+        )
+    if (
+        not isinstance(config.attention_scale, int)
+        or isinstance(config.attention_scale, bool)
+        or not 0 <= config.attention_scale < config.scales
+    ):
+        raise ConfigError(
+            f"attention_scale must be an integer in [0, {config.scales - 1}] (the model "
+            f"has {config.scales} scales), got {config.attention_scale!r}"
+        )
+    if not isinstance(config.attention_certified, bool):
+        raise ConfigError(
+            f"attention_certified must be true or false, got {config.attention_certified!r}"
+        )
+    if not 0 < config.coeff < 1 or not 0 < config.attention_coeff < 1:
+        raise ConfigError("coeff and attention_coeff must be in (0, 1)")
+    if config.preprocess not in PREPROCESSING:
+        raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSING)}")
+    if config.solver not in SOLVERS:
+        raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}")
+    if config.residual:
+        if config.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}")
+        if config.estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}")
+        if config.attention is not None and config.attention not in KINDS:
             raise ConfigError(
-                f"{self.scales} scales need H and W divisible by {2**self.scales}; "
-                f"image_shape is {self.image_shape}: use fewer scales"
+                f"preset {config.preset!r} takes an invertible attention kind "
+                f"({', '.join(KINDS)}) or none, got {config.attention!r}"
             )
-        if (
-            not isinstance(self.attention_scale, int)
-            or isinstance(self.attention_scale, bool)
-            or not 0 <= self.attention_scale < self.scales
-        ):
+        uncertified = config.attention is not None and not config.attention_certified
+        if uncertified and config.attention not in PAPER_KINDS:
             raise ConfigError(
-                f"attention_scale must be an integer in [0, {self.scales - 1}] (the model "
-                f"has {self.scales} scales), got {self.attention_scale!r}"
+                f"attention kind {config.attention!r} has no uncertified form: "
+                "attention_certified = false is for the paper's kinds "
+                f"({', '.join(PAPER_KINDS)})"
             )
-        if not isinstance(self.attention_certified, bool):
+        if config.extra_step not in (None, *EXTRA_STEPS):
             raise ConfigError(
-                f"attention_certified must be true or false, got {self.attention_certified!r}"
+                f"extra_step must be one of {', '.join(EXTRA_STEPS)} or none, "
+                f"got {config.extra_step!r}"
             )
-        if not 0 < self.coeff < 1 or not 0 < self.attention_coeff < 1:
-            raise ConfigError("coeff and attention_coeff must be in (0, 1)")
-        if self.preprocess not in PREPROCESSING:
-            raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSING)}")
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"solver must be one of {', '.join(SOLVERS)}")
-        if self.residual:
-            if self.activation not in ACTIVATIONS:
-                raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}")
-            if self.estimator not in ESTIMATORS:
-                raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}")
-            if self.attention is not None and self.attention not in KINDS:
-                raise ConfigError(
-                    f"preset {self.preset!r} takes an invertible attention kind "
-                    f"({', '.join(KINDS)}) or none, got {self.attention!r}"
-                )
-            uncertified = self.attention is not None and not self.attention_certified
-            if uncertified and self.attention not in PAPER_KINDS:
-                raise ConfigError(
-                    f"attention kind {self.attention!r} has no uncertified form: "
-                    "attention_certified = false is for the paper's kinds "
-                    f"({', '.join(PAPER_KINDS)})"
-                )
-            if self.extra_step not in (None, *EXTRA_STEPS):
-                raise ConfigError(
-                    f"extra_step must be one of {', '.join(EXTRA_STEPS)} or none, "
-                    f"got {self.extra_step!r}"
-                )
-            if self.extra_step is not None and self.attention is not None:
-                raise ConfigError(
-                    f"extra_step={self.extra_step!r} is a control in place of the attention "
-                    f"step: it takes attention = none, got {self.attention!r}"
-                )
-        elif self.extra_step is not None:
-            raise ConfigError(f"extra_step is for residual presets, not {self.preset!r}")
-        elif self.attention is not None and self.attention not in ORDINARY_ATTENTION:
+        if config.extra_step is not None and config.attention is not None:
             raise ConfigError(
-                f"preset {self.preset!r} takes ordinary attention "
-                f"({', '.join(ORDINARY_ATTENTION)}) or none, got {self.attention!r}"
+                f"extra_step={config.extra_step!r} is a control in place of the attention "
+                f"step: it takes attention = none, got {config.attention!r}"
             )
+    elif config.extra_step is not None:
+        raise ConfigError(f"extra_step is for residual presets, not {config.preset!r}")
+    elif config.attention is not None and config.attention not in ORDINARY_ATTENTION:
+        raise ConfigError(
+            f"preset {config.preset!r} takes ordinary attention "
+            f"({', '.join(ORDINARY_ATTENTION)}) or none, got {config.attention!r}"
+        )

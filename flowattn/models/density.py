@@ -17,9 +17,10 @@ from nflows.transforms import CompositeTransform, Transform
 from torch import Tensor
 
 from .. import evaluation
+from ..images import check_images
 from ..logdet import LogDetEstimator
 from ..metrics import BitsPerDim
-from ..transforms.preprocess import UniformDequantization, outside_range
+from ..transforms.preprocess import UniformDequantization
 from ..transforms.residual import ResidualTransform
 
 if TYPE_CHECKING:
@@ -81,36 +82,23 @@ class DensityModel(Flow):
         return torch.device("cpu")
 
     def check_images(self, x: Tensor, *, uint8: bool | None = None) -> Tensor:
-        """``x`` on the model's device after checking it is (B, C, H, W) images of the
+        """``x`` on the model's device after :func:`flowattn.images.check_images` with the
         model's shape: uint8 (``uint8=True``), floats in [0, 1] (False) or either (None)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"model expects images (B, {', '.join(map(str, self.image_shape))}), "
-                f"got shape {tuple(x.shape)}"
-            )
-        if uint8 is True and x.dtype != torch.uint8:
-            raise TypeError(f"expected uint8 images (0..255), got {x.dtype}")
-        if uint8 is False:
-            if not x.is_floating_point():
-                raise TypeError(
-                    f"expected float images in [0, 1], got {x.dtype} "
-                    "(use bits_per_dim for 8-bit images)"
-                )
-            if x.numel() and outside_range(x, 0, 1):
-                raise ValueError("expected float images in [0, 1]")
-        return x.to(self.device)
+        return check_images(x, shape=self.image_shape, uint8=uint8, owner="model").to(self.device)
 
     def _log_prob(self, inputs: Tensor, context: Tensor | None) -> Tensor:
         inputs = self.check_images(inputs, uint8=False)
-        if not torch.is_grad_enabled():  # branches cache their certificates already
+        # certificates first, while no activation is held (peak memory)
+        with self.certified_once():
             return super()._log_prob(inputs, context)
-        with contextlib.ExitStack() as stack:
-            # certificates first, while no activation is held (peak memory)
-            for _, step in self.residual_steps():
-                stack.enter_context(step.certified_once())
-            return super()._log_prob(inputs, context)
+
+    @contextlib.contextmanager
+    def certified_once(self) -> Iterator[None]:
+        """Every residual step computes its certificate once, on entry, for the block
+        (:meth:`~flowattn.transforms.residual.ResidualTransform.certified_once`): leave
+        it before the weights change."""
+        with _every_step(self._residual_steps, "certified_once"):
+            yield
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -127,9 +115,7 @@ class DensityModel(Flow):
         """Every residual step skips its log-det estimate within the block
         (:meth:`~flowattn.transforms.residual.ResidualTransform.log_dets_skipped`):
         :meth:`encode`, :meth:`decode` and :meth:`sample` discard the log-dets."""
-        with contextlib.ExitStack() as stack:
-            for _, step in self.residual_steps():
-                stack.enter_context(step.log_dets_skipped())
+        with _every_step(self._residual_steps, "log_dets_skipped"):
             yield
 
     def residual_steps(self) -> Iterator[tuple[str, ResidualTransform]]:
@@ -166,7 +152,7 @@ class DensityModel(Flow):
         if x.dtype == torch.uint8:
             x, _ = UniformDequantization(noise=False)(self.check_images(x, uint8=True))
         x = self.check_images(x, uint8=False)
-        with self.evaluating(), torch.no_grad(), self.log_dets_skipped():
+        with self.evaluating(), torch.no_grad(), self.log_dets_skipped(), self.certified_once():
             z, _ = self._transform(x)
         return z.reshape(x.shape[0], -1)
 
@@ -211,6 +197,15 @@ class DensityModel(Flow):
             images, _ = self.dequantize.inverse(images)
             return images.to(torch.uint8)
         return images
+
+
+@contextlib.contextmanager
+def _every_step(steps: list[tuple[str, ResidualTransform]], context: str) -> Iterator[None]:
+    """Enters the context manager method ``context`` of every step for the block."""
+    with contextlib.ExitStack() as stack:
+        for _, step in steps:
+            stack.enter_context(getattr(step, context)())
+        yield
 
 
 def _residual_steps_of(

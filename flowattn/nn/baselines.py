@@ -24,12 +24,8 @@ __all__ = [
 import torch
 from torch import Tensor, nn
 
+from ..images import check_images
 from .lipschitz_attention import SIMILARITIES
-
-
-def _check_images(x: Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
 
 
 def _mix(values: Tensor, attention: Tensor) -> Tensor:
@@ -75,7 +71,7 @@ class SelfAttention2d(nn.Module):
         return torch.softmax(q.transpose(1, 2) @ k, dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         return x + self.gamma * _mix(self.value(x), self.attention_map(x))
 
 
@@ -133,7 +129,7 @@ class NonLocal2d(nn.Module):
         return torch.relu(a[:, :, None] + b[:, None, :]) / n
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         return x + self.out(_mix(self.g(x), self.attention_map(x)))
 
 
@@ -173,7 +169,7 @@ class ExternalAttention2d(nn.Module):
         return a / a.sum(dim=2, keepdim=True).clamp_min(1e-9)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         b, c, h, w = x.shape
         y = self.values(self.attention_map(x))  # (B * heads, N, C / heads)
         y = y.transpose(1, 2).reshape(b, c, h, w)
@@ -203,7 +199,7 @@ class MultiHeadSelfAttention2d(nn.Module):
         return self.attn(t, t, t, need_weights=True)[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         t = x.flatten(2).transpose(1, 2)
         y = self.attn(t, t, t, need_weights=False)[0]
         return x + self.gamma * y.transpose(1, 2).reshape(x.shape)
@@ -230,7 +226,7 @@ class CBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         avg = self.mlp(x.mean(dim=(2, 3), keepdim=True))
         mx = self.mlp(x.amax(dim=(2, 3), keepdim=True))
         x = x * torch.sigmoid(avg + mx)
@@ -276,7 +272,7 @@ class DisentangledNonLocal2d(nn.Module):
         return pairwise + unary
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         return x + self.out(_mix(self.value(x), self.attention_map(x)))
 
 
@@ -316,7 +312,7 @@ class CrissCrossAttention2d(nn.Module):
         return a[..., :h], a[..., h:]
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_images(x)
+        check_images(x)
         col, row = self.weights(x)
         v = self.value(x)
         out = torch.einsum("bijk,bckj->bcij", col, v) + torch.einsum("bijk,bcik->bcij", row, v)

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..lipschitz import ConvBoundMemory, conv_spectral_upper_bound, spectral_norm
+from ..images import check_images
+from ..lipschitz import ConvBoundMemory, contraction_scale, conv_spectral_upper_bound, spectral_norm
 
 
 class LipSwish(nn.Module):
@@ -118,6 +119,74 @@ class _Applied(NamedTuple):
     input_slope: Tensor | None
 
 
+class _Certificate(NamedTuple):
+    """A certificate fixed by :meth:`ConvResidualBranch.certified_once`: the image size,
+    the convolutions' scale factors and, for a block entered without autograd, what the
+    calls apply (the rescaled weights)."""
+
+    spatial: tuple[int, int]
+    scales: list[Tensor]
+    applied: _Applied | None
+
+
+def _lipswish_folded(
+    weights: list[Tensor], biases: list[Tensor | None], slopes: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor | None]]:
+    r"""The weights and biases under which LipSwish is SiLU, given each LipSwish's
+    slopes :math:`\beta` (C,) in ``slopes``, in order.
+
+    LipSwish's :math:`x \sigma(\beta x) / 1.1` is
+    :math:`\mathrm{silu}(\beta x) / (1.1 \beta)`: each convolution takes the
+    division by :math:`1.1 \beta` of the LipSwish before it on its input channels,
+    and the slope :math:`\beta` of the LipSwish after it on its output channels and
+    bias. (The first LipSwish, on the branch's input, has no convolution before it:
+    :meth:`ConvResidualBranch.forward` multiplies the input by its slope.) The same
+    function, with one tensor fewer saved for backward and a single fused pass per
+    activation.
+    """
+    slopes = [*slopes, None]
+    folded_weights, folded_biases = [], []
+    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        weight = weight / (LipSwish.divisor * slopes[i]).reshape(1, -1, 1, 1)
+        after = slopes[i + 1]
+        if after is not None:
+            weight = weight * after.reshape(-1, 1, 1, 1)
+            bias = None if bias is None else bias * after
+        folded_weights.append(weight)
+        folded_biases.append(bias)
+    return folded_weights, folded_biases
+
+
+def _apply(x: Tensor, acts: nn.ModuleList, convs: nn.ModuleList, applied: _Applied) -> Tensor:
+    """The branch on x (B, C, H, W) with the weights of ``applied``: activation and
+    convolution, three times (activations in place where autograd allows it)."""
+    spatial = (x.shape[-2], x.shape[-1])
+    grad = torch.is_grad_enabled()
+    h = x
+    if applied.input_slope is not None:
+        # LipSwish as SiLU: the first slope applied here, the others folded into the
+        # convolutions before them (_lipswish_folded)
+        h = x * applied.input_slope
+    layers = zip(acts, convs, applied.layers, strict=True)
+    for i, (act, conv, (weight, bias)) in enumerate(layers):
+        if isinstance(act, LipSwish):
+            # SiLU's backward reads its input; without autograd, in place
+            h = F.silu(h, inplace=not grad)
+        elif i > 0:
+            # in place on a convolution's output (not needed by its backward); ELU's
+            # backward reads its own result, so autograd allows it
+            h = F.elu(h, inplace=True)
+        else:
+            h = act(h)
+        if h.dim() == 3:  # the 1x1 convolution's (B, C', H W), as an image
+            h = h.view(x.shape[0], -1, *spatial)
+        if conv.kernel_size == (1, 1):
+            h = _pointwise(h, weight[:, :, 0, 0], bias)  # (B, C', H W), not a view
+        else:
+            h = F.conv2d(h, weight, bias, padding=conv.padding)
+    return h if h.dim() == 4 else h.view(x.shape)  # 1x1 outer convolutions
+
+
 class ConvResidualBranch(nn.Module):
     r"""i-ResNet / Residual Flows branch g: (B, C, H, W) -> (B, C, H, W), certified in l2.
 
@@ -170,8 +239,7 @@ class ConvResidualBranch(nn.Module):
         self.acts = nn.ModuleList([_activation(activation, c) for c in (channels, hidden, hidden)])
         # the 3x3 certificates' state between calls (it makes them cheaper, not different)
         self._bound_memory = [ConvBoundMemory() for _ in self.convs]
-        self._cache: tuple[tuple, _Applied] | None = None
-        self._fixed: tuple[tuple[int, int], list[Tensor]] | None = None  # (size, scales)
+        self._fixed: _Certificate | None = None  # within certified_once
 
     def _norms(self, spatial: tuple[int, int]) -> list[Tensor]:
         norms = []
@@ -185,7 +253,7 @@ class ConvResidualBranch(nn.Module):
     def _scales(self, norms: list[Tensor]) -> list[Tensor]:
         # A relative margin of 1e-5 absorbs float32 rounding in the norms and products.
         target = self.coeff ** (1 / 3) * (1 - 1e-5)
-        return [torch.clamp(target / n.clamp_min(1e-12), max=1.0) for n in norms]
+        return [contraction_scale(target, n) for n in norms]
 
     def _rescaled(self, spatial: tuple[int, int], scales: list[Tensor] | None = None) -> _Applied:
         """What a call applies: each convolution's (weight, bias), the weight times its
@@ -197,74 +265,23 @@ class ConvResidualBranch(nn.Module):
         input_slope = None
         if self.activation == "lipswish":
             slopes = [act.slope() for act in self.acts]
-            weights, biases = self._slopes_folded(weights, biases, slopes)
+            weights, biases = _lipswish_folded(weights, biases, slopes)
             input_slope = slopes[0].reshape(1, -1, 1, 1)
         return _Applied(list(zip(weights, biases, strict=True)), input_slope)
 
-    @staticmethod
-    def _slopes_folded(
-        weights: list[Tensor], biases: list[Tensor | None], slopes: list[Tensor]
-    ) -> tuple[list[Tensor], list[Tensor | None]]:
-        r"""The weights and biases under which LipSwish is SiLU, given each LipSwish's
-        slopes :math:`\beta` (C,) in ``slopes``, in order.
-
-        LipSwish's :math:`x \sigma(\beta x) / 1.1` is
-        :math:`\mathrm{silu}(\beta x) / (1.1 \beta)`: each convolution takes the
-        division by :math:`1.1 \beta` of the LipSwish before it on its input channels,
-        and the slope :math:`\beta` of the LipSwish after it on its output channels and
-        bias. (The first LipSwish, on the branch's input, has no convolution before it:
-        :meth:`forward` multiplies the input by its slope.) The same function, with one
-        tensor fewer saved for backward and a single fused pass per activation.
-        """
-        slopes = [*slopes, None]
-        folded_weights, folded_biases = [], []
-        for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
-            weight = weight / (LipSwish.divisor * slopes[i]).reshape(1, -1, 1, 1)
-            after = slopes[i + 1]
-            if after is not None:
-                weight = weight * after.reshape(-1, 1, 1, 1)
-                bias = None if bias is None else bias * after
-            folded_weights.append(weight)
-            folded_biases.append(bias)
-        return folded_weights, folded_biases
-
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"expected images (B, {self.channels}, H, W), got shape {tuple(x.shape)}"
-            )
+        check_images(x, channels=self.channels, owner=type(self).__name__)
         spatial = (x.shape[-2], x.shape[-1])
-        grad = torch.is_grad_enabled()
         applied = self._weights(spatial)
-        h = x
-        if applied.input_slope is not None:
-            # LipSwish as SiLU: the first slope applied here, the others folded into the
-            # convolutions before them (_slopes_folded)
-            h = x * applied.input_slope
-        layers = zip(self.acts, self.convs, applied.layers, strict=True)
-        for i, (act, conv, (weight, bias)) in enumerate(layers):
-            if isinstance(act, LipSwish):
-                # SiLU's backward reads its input; without autograd, in place
-                h = F.silu(h, inplace=not grad)
-            elif i > 0:
-                # in place on a convolution's output (not needed by its backward); ELU's
-                # backward reads its own result, so autograd allows it
-                h = F.elu(h, inplace=True)
-            else:
-                h = act(h)
-            if h.dim() == 3:  # the 1x1 convolution's (B, C', H W), as an image
-                h = h.view(x.shape[0], -1, *spatial)
-            if conv.kernel_size == (1, 1):
-                h = _pointwise(h, weight[:, :, 0, 0], bias)  # (B, C', H W), not a view
-            else:
-                h = F.conv2d(h, weight, bias, padding=conv.padding)
-        return h if h.dim() == 4 else h.view(x.shape)  # 1x1 outer convolutions
+        return _apply(x, self.acts, self.convs, applied)
 
     @contextlib.contextmanager
     def certified_once(self, spatial: tuple[int, int]) -> Iterator[None]:
         """Within the block, calls on (H, W) = ``spatial`` images use the certificate
         computed once, on entry (with autograd if it is enabled there): the weights'
-        scale factors, which are applied to the weights at each call.
+        scale factors, which are applied to the weights at each call; entered without
+        autograd (a fixed-point inverse, an evaluation), the rescaled weights themselves.
+        Blocks nest (the inner one's certificate holds inside it).
 
         A training step that enters this for every branch before its forward pass
         computes the certificates while no activation is held, so their float64
@@ -273,36 +290,26 @@ class ConvResidualBranch(nn.Module):
         (an optimiser step).
         """
         spatial = tuple(spatial)
-        self._fixed = (spatial, self._scales(self._norms(spatial)))
+        scales = self._scales(self._norms(spatial))
+        applied = None if torch.is_grad_enabled() else self._rescaled(spatial, scales)
+        previous, self._fixed = self._fixed, _Certificate(spatial, scales, applied)
         try:
             yield
         finally:
-            self._fixed = None
+            self._fixed = previous
 
     def _weights(self, spatial: tuple[int, int]) -> _Applied:
-        if self._fixed is not None and self._fixed[0] == spatial:
-            return self._rescaled(spatial, self._fixed[1])
-        # Without autograd (fixed-point inverse, evaluation) the rescaled weights and the
-        # input's slope are reused until a parameter changes in place (an optimiser step
-        # bumps _version).
-        if torch.is_grad_enabled():
-            self._cache = None
+        fixed = self._fixed
+        if fixed is None or fixed.spatial != spatial:
             return self._rescaled(spatial)
-        key = (spatial, *((p._version, p.data_ptr()) for p in self.parameters()))
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._rescaled(spatial))
-        return self._cache[1]
+        if fixed.applied is not None and not torch.is_grad_enabled():
+            return fixed.applied  # a block without autograd: the weights themselves once
+        return self._rescaled(spatial, fixed.scales)
 
     def __getstate__(self) -> dict:
         state = dict(super().__getstate__())
-        state["_cache"] = None
         state["_fixed"] = None
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if "_bound_memory" not in state:  # pickled before the certificates kept state
-            self._bound_memory = [ConvBoundMemory() for _ in self.convs]
 
     @torch.no_grad()
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:

@@ -47,7 +47,14 @@ import torch.nn.functional as F
 from scipy.special import lambertw
 from torch import Tensor, nn
 
-from ..lipschitz import ConstrainedLinear, SpectralRescale, inf_norm, jacobian_spectral_norm
+from ..images import check_images
+from ..lipschitz import (
+    ConstrainedLinear,
+    SpectralRescale,
+    contraction_scale,
+    inf_norm,
+    jacobian_spectral_norm,
+)
 
 SIMILARITIES = ("gaussian", "embedded_gaussian", "dot", "concat")
 """The paper's four pairwise similarities (its attention kinds, after Wang et al., 2018)."""
@@ -56,9 +63,7 @@ EXPONENTIAL = ("gaussian", "embedded_gaussian")  # normalised by their sums as a
 
 def _tokens(x: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, N, C)."""
-    if x.dim() != 4:
-        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
-    return x.flatten(2).transpose(1, 2)
+    return check_images(x).flatten(2).transpose(1, 2)
 
 
 def _shifted_exp(logits: Tensor) -> Tensor:
@@ -169,12 +174,7 @@ class AttentionBranch(nn.Module):
         self.coeff = coeff
 
     def _check(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(
-                f"{type(self).__name__} expects images (B, {self.channels}, H, W), "
-                f"got shape {tuple(x.shape)}"
-            )
-        return _tokens(x)
+        return _tokens(check_images(x, channels=self.channels, owner=type(self).__name__))
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float | None:
         """A certified bound on Lip(g) in :attr:`certified_norm` for inputs of shape
@@ -284,7 +284,7 @@ class BoundedOutputBranch(AttentionBranch):
 
     def _output(self, mixed: Tensor, like: Tensor) -> Tensor:
         """``s W_out mixed + b`` for mixed tokens (B, N, hidden), as an image like ``like``."""
-        scale = _contraction_scale(self.coeff, self._raw_bound())
+        scale = contraction_scale(self.coeff, self._raw_bound())
         return _image(scale * F.linear(mixed, self.out.weight) + self.out.bias, like)
 
     def lipschitz_bound(self, input_shape: tuple[int, ...] | None = None) -> float:
@@ -292,7 +292,7 @@ class BoundedOutputBranch(AttentionBranch):
         ``input_shape`` is not needed)."""
         with torch.no_grad():
             raw = self._raw_bound()
-            return float(_contraction_scale(self.coeff, raw) * raw)
+            return float(contraction_scale(self.coeff, raw) * raw)
 
 
 class ExternalAttention(BoundedOutputBranch):
@@ -359,11 +359,6 @@ class ExternalAttention(BoundedOutputBranch):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, slots={self.slots}, coeff={self.coeff}"
-
-
-def _contraction_scale(coeff: float, raw_bound: Tensor) -> Tensor:
-    """The factor min(1, coeff / raw_bound) that brings a Lipschitz bound down to coeff."""
-    return torch.clamp(coeff / raw_bound.clamp_min(1e-12), max=1.0)
 
 
 def _phi_inverse(y: float) -> float:
@@ -436,7 +431,7 @@ class L2SelfAttention(AttentionBranch):
         return factor * torch.minimum(per_head, merged)
 
     def _scale(self, num_pixels: int) -> Tensor:
-        return _contraction_scale(self.coeff, self._raw_bound(num_pixels))
+        return contraction_scale(self.coeff, self._raw_bound(num_pixels))
 
     def _queries(self, t: Tensor) -> Tensor:
         return torch.einsum("hdc,bnc->bhnd", self.query, t)

@@ -18,7 +18,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["LogitTransform", "UniformDequantization", "outside_range"]
+__all__ = ["LogitTransform", "UniformDequantization"]
 
 import math
 
@@ -27,17 +27,11 @@ import torch.nn.functional as F
 from nflows.transforms import Transform
 from torch import Tensor
 
+from ..images import outside_range
+
 
 def _sum_except_batch(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
-
-
-def outside_range(x: Tensor, low: float, high: float) -> bool:
-    """Whether a non-empty tensor has an element below ``low`` or above ``high`` (NaNs
-    are not), in one pass and one read back to the host (each read makes the host wait
-    for an accelerator's queued kernels)."""
-    smallest, largest = torch.aminmax(x)
-    return bool((smallest < low) | (largest > high))
 
 
 class UniformDequantization(Transform):

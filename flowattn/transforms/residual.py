@@ -34,6 +34,20 @@ class ConvergenceError(RuntimeError):
     """The fixed-point inverse did not reach its tolerance (strict mode)."""
 
 
+def _not_converged(result: FixedPointResult, solver: str) -> str:
+    """What a fixed-point inverse that did not converge says."""
+    message = (
+        f"fixed-point inverse ({solver}) did not converge in {result.iterations} "
+        f"iterations: residual {result.residual:.3g} > tolerance {result.tolerance:.3g}"
+    )
+    if not math.isfinite(result.residual):
+        message += (
+            " (a sample's residual was not finite: it was given up and is returned "
+            "as it was; the other samples were solved without it)"
+        )
+    return message
+
+
 class ResidualTransform(Transform):
     r"""Invertible residual step :math:`y = x + g(x)`, an nflows ``Transform``.
 
@@ -125,9 +139,10 @@ class ResidualTransform(Transform):
         """Within the block, the branch's certificate for this step's ``input_shape`` is
         the one computed on entry (for branches with a ``certified_once(spatial)``
         method, such as :class:`~flowattn.nn.conv_branch.ConvResidualBranch`; others
-        are unaffected). :class:`~flowattn.models.DensityModel` enters it for every step
-        before a forward pass with autograd, so that the certificates' temporaries do
-        not add to the step's peak memory."""
+        are unaffected). :meth:`inverse` enters it, so its fixed-point iterations share
+        one certificate; :class:`~flowattn.models.DensityModel` enters it for every step
+        before a forward pass, so that the certificates' temporaries do not add to a
+        training step's peak memory."""
         once = getattr(self.branch, "certified_once", None)
         if once is None or self.input_shape is None:
             yield
@@ -151,31 +166,24 @@ class ResidualTransform(Transform):
             return self._inverse(inputs)
 
     def _inverse(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        result = solve_fixed_point(
-            self.branch,
-            inputs.detach(),
-            solver=self.solver,
-            atol=self.atol,
-            rtol=self.rtol,
-            max_iter=self.max_iter,
-        )
+        with self.certified_once(), torch.no_grad():  # one certificate for all iterations
+            result = solve_fixed_point(
+                self.branch,
+                inputs.detach(),
+                solver=self.solver,
+                atol=self.atol,
+                rtol=self.rtol,
+                max_iter=self.max_iter,
+            )
         self.last_inverse = result
         if not result.converged:
-            message = (
-                f"fixed-point inverse ({self.solver}) did not converge in {result.iterations} "
-                f"iterations: residual {result.residual:.3g} > tolerance {result.tolerance:.3g}"
-            )
-            if not math.isfinite(result.residual):
-                message += (
-                    " (a sample's residual was not finite: it was given up and is returned "
-                    "as it was; the other samples were solved without it)"
-                )
+            message = _not_converged(result, self.solver)
             if self.strict:
                 raise ConvergenceError(message)
             warnings.warn(message, ConvergenceWarning, stacklevel=3)  # inverse's caller
         if self.skip_log_dets:
             return result.solution, self._nan_log_dets(result.solution)
-        with torch.no_grad():
+        with self.certified_once(), torch.no_grad():
             _, logabsdet = self.estimator(self.branch, result.solution)
         return result.solution, -logabsdet
 
