@@ -33,16 +33,12 @@ from typing import Any
 
 import torch
 
-from .errors import first_line
+from .errors import CheckpointError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
 _FORMAT = "flowattn-checkpoint-3"
 _OLD_FORMATS = {"flowattn-checkpoint-1": "flowattn 0.1", "flowattn-checkpoint-2": "flowattn 0.2"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, unsafe or not a flowattn checkpoint."""
 
 
 def _file_mode() -> int:

@@ -28,7 +28,7 @@ from nflows.transforms import SqueezeTransform
 
 from . import configs
 from .data import IMAGE_SUFFIXES
-from .errors import ConfigError, first_line
+from .errors import ConfigError, UserError, first_line
 from .evaluation import EXACT_MAX_DIMS
 from .nn.attention_kinds import VARIANTS, parse_variant
 from .transforms import ConvergenceWarning, invertible_attention
@@ -557,13 +557,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .runlock import RunLockedError
-
     argv = sys.argv[1:] if argv is None else list(argv)
     # validated user errors only: anything else is a bug and keeps its traceback
-    user_errors = (ConfigError, CheckpointError, DataError, RunLockedError, FileNotFoundError)
+    user_errors = (UserError, FileNotFoundError)
     try:
         args = _parse(argv)
         return COMMANDS[args.command](args[args.command])

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, DatasetNotFoundError
 
 DATASETS = ("digits", "camouflage", "cifar10", "svhn", "celeba", "npz", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -61,14 +61,6 @@ _SPLITS = {
     "celeba": ("train", "valid", "test", "all"),
 }
 _DIGITS_TRAIN = 1500
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are not where they were looked for."""
-
-
-class DataError(ValueError):
-    """The dataset's files exist but are corrupted, of the wrong shape or dtype."""
 
 
 class ImageTensorDataset(Dataset):

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .errors import NonFiniteDensityError
+
 
 def bits_per_dim(log_prob: Tensor, num_dims: int) -> Tensor:
     r"""Bits per dimension :math:`-\ln P(x) / (D \ln 2)` from log-probabilities in nats.
@@ -166,11 +168,6 @@ def paired_values_difference(a: Tensor, b: Tensor) -> PairedDifference:
     n = diff.numel()
     stderr = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
     return PairedDifference(float(diff.mean()), stderr, n)
-
-
-class NonFiniteDensityError(ValueError):
-    """A model's log-density is infinite or NaN on some images (it diverged, or an
-    uncertified step is not invertible there)."""
 
 
 def summarize_bits_per_dim(

@@ -14,11 +14,9 @@ import fcntl
 import os
 from pathlib import Path
 
+from .errors import RunLockedError
+
 LOCK_NAME = "lock"
-
-
-class RunLockedError(ValueError):
-    """Another live process holds the run directory's lock."""
 
 
 class RunLock:

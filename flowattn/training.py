@@ -46,13 +46,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import NonFiniteLossError
 from .images import check_images
 from .metrics import bits_per_dim
 from .models import DensityModel
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclass

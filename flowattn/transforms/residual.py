@@ -21,6 +21,7 @@ import torch
 from nflows.transforms import Transform
 from torch import Tensor, nn
 
+from ..errors import ConvergenceError
 from ..logdet import LogDetEstimator, PowerSeriesLogDet
 from ..precision import ieee_float32
 from ..solvers import SOLVERS, FixedPointResult, solve_fixed_point
@@ -28,10 +29,6 @@ from ..solvers import SOLVERS, FixedPointResult, solve_fixed_point
 
 class ConvergenceWarning(RuntimeWarning):
     """The fixed-point inverse stopped before reaching its tolerance."""
-
-
-class ConvergenceError(RuntimeError):
-    """The fixed-point inverse did not reach its tolerance (strict mode)."""
 
 
 def _not_converged(result: FixedPointResult, solver: str) -> str:
