@@ -396,7 +396,7 @@ def _build() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         prog="flowattn",
         description=__doc__.splitlines()[0],
         exit_on_error=False,
-        parser_mode="toml",
+        parser_mode=configs.parser_mode(),
     )
     subcommands: dict[str, tuple[ArgumentParser, str]] = {}
 

@@ -56,10 +56,11 @@ def load_toml(text: str) -> dict[str, Any]:
 
 
 def _load_document_or_value(text: str) -> Any:
-    """jsonargparse's loader in ``parser_mode="toml"``: it reads ``--config`` files and
-    also every flag value that is not a plain string. A TOML document (several lines, or
-    ``key = value``) is read with :func:`load_toml`; a one-line value (``16``,
-    ``["a", "b"]``, ``{hidden: 16}``) as YAML, jsonargparse's own syntax for values."""
+    """jsonargparse's loader in flowattn's parser mode (:data:`PARSER_MODE`): it reads
+    ``--config`` files and also every flag value that is not a plain string. A TOML
+    document (several lines, or ``key = value``) is read with :func:`load_toml`; a
+    one-line value (``16``, ``["a", "b"]``, ``{hidden: 16}``) as YAML, jsonargparse's own
+    syntax for values."""
     import yaml
 
     if "\n" in text.strip() or re.match(r"\s*[\w.\"'-]+\s*=", text):
@@ -80,9 +81,18 @@ def _dump(data: dict[str, Any]) -> str:
     return tomli_w.dumps(drop_none(data))
 
 
-# parser_mode="toml" reads --config files and prints configs as TOML (registered on import)
-jsonargparse.set_loader("toml", _load_document_or_value, exceptions=(ConfigError,))
-jsonargparse.set_dumper("toml", _dump)
+#: flowattn's jsonargparse parser mode: ``--config`` files and ``--print_config`` in TOML.
+PARSER_MODE = "flowattn_toml"
+
+
+def parser_mode() -> str:
+    """Registers :data:`PARSER_MODE` (its loader and dumper) with jsonargparse and returns
+    it; every parser flowattn builds calls this. Under its own name, so that no other
+    user of jsonargparse in the process sees its ``toml`` mode changed, and when a parser
+    is built, not on import."""
+    jsonargparse.set_loader(PARSER_MODE, _load_document_or_value, exceptions=(ConfigError,))
+    jsonargparse.set_dumper(PARSER_MODE, _dump)
+    return PARSER_MODE
 
 
 def to_toml(config: Any) -> str:
@@ -95,7 +105,7 @@ def config_parser(cls: type, **options: Any) -> ArgumentParser:
     """An argument parser for the dataclass ``cls``: ``--config FILE.toml`` and one flag
     per field. ``options`` go to jsonargparse's ``ArgumentParser`` (``prog``,
     ``description``...). It raises ``argparse.ArgumentError`` instead of exiting."""
-    parser = ArgumentParser(exit_on_error=False, parser_mode="toml", **options)
+    parser = ArgumentParser(exit_on_error=False, parser_mode=parser_mode(), **options)
     parser.add_argument(
         "--config",
         action=ActionConfigFile,

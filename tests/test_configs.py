@@ -78,3 +78,20 @@ def test_toml_round_trip_and_resumed_history():
 def test_help_shows_the_docstrings():
     text = config_parser(Settings).format_help()
     assert "Steps to take." in text and "--kind {a,b}" in text
+
+
+def test_importing_flowattn_leaves_jsonargparse_toml_mode_alone():
+    """flowattn registers its own parser mode, by its own name, when it builds a parser:
+    a fresh interpreter that imports flowattn sees jsonargparse's loaders unchanged."""
+    import subprocess
+    import sys
+
+    code = (
+        "from jsonargparse import _loaders_dumpers as m; before = dict(m.loaders);"
+        "import flowattn, flowattn.cli, flowattn.configs;"
+        "assert dict(m.loaders) == before, set(m.loaders) ^ set(before);"
+        "flowattn.configs.config_parser(flowattn.ModelConfig);"
+        "assert m.loaders['toml'] is before.get('toml'); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
