@@ -20,6 +20,9 @@ __all__ = [
     "CheckpointError",
     "find_checkpoint",
     "load_checkpoint",
+    "load_run_checkpoint",
+    "RUN_SCHEMA",
+    "run_checkpoint",
     "remove_stale_temporaries",
     "save_checkpoint",
 ]
@@ -140,4 +143,33 @@ def load_checkpoint(run_or_checkpoint: str | Path, map_location: Any = "cpu") ->
         )
     if written != _FORMAT:
         raise CheckpointError(f"{path} is not a flowattn checkpoint")
+    return state
+
+
+#: A training run's checkpoint (format 3): each key and what it holds. Changing what a
+#: run checkpoints is this table, :func:`run_checkpoint` and ``_FORMAT``.
+RUN_SCHEMA = {
+    "model_config": "ModelConfig.to_dict(): the architecture, to rebuild the model",
+    "run_config": "the run's settings (RunConfig as a dict), to resume and to name its data",
+    "trainer": "Trainer.state_dict(): model, optimizer, ema, step, batches, random, result",
+}
+
+
+def run_checkpoint(
+    model_config: dict[str, Any], run_config: dict[str, Any], trainer: dict[str, Any]
+) -> dict[str, Any]:
+    """The contents of a training run's checkpoint, in :data:`RUN_SCHEMA`."""
+    return {"model_config": model_config, "run_config": run_config, "trainer": trainer}
+
+
+def load_run_checkpoint(run_or_checkpoint: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """:func:`load_checkpoint`, then a check that it holds a training run (every key of
+    :data:`RUN_SCHEMA`); a CheckpointError names what it lacks."""
+    state = load_checkpoint(run_or_checkpoint, map_location)
+    missing = [key for key in RUN_SCHEMA if key not in state]
+    if missing:
+        path = find_checkpoint(run_or_checkpoint)
+        raise CheckpointError(
+            f"{path} is not a training run's checkpoint: it has no {', '.join(missing)}"
+        )
     return state

@@ -32,9 +32,11 @@ from __future__ import annotations
 
 __all__ = [
     "DATASETS",
+    "SOURCES",
     "DataError",
     "DatasetNotFoundError",
     "ImageTensorDataset",
+    "Source",
     "load_dataset",
     "stack_images",
 ]
@@ -44,6 +46,7 @@ import pickle
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -52,14 +55,7 @@ from torch.utils.data import Dataset
 
 from .errors import ConfigError, DataError, DatasetNotFoundError
 
-DATASETS = ("digits", "camouflage", "cifar10", "svhn", "celeba", "npz", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-_SPLITS = {
-    "digits": ("train", "test"),
-    "cifar10": ("train", "test"),
-    "svhn": ("train", "test", "extra"),
-    "celeba": ("train", "valid", "test", "all"),
-}
 _DIGITS_TRAIN = 1500
 
 
@@ -98,12 +94,6 @@ class ImageTensorDataset(Dataset):
 
 def _default_root() -> Path:
     return Path(os.environ.get("FLOWATTN_DATA", "data"))
-
-
-def _check_split(name: str, split: str) -> None:
-    valid = _SPLITS.get(name, ("train", "test"))
-    if split not in valid:
-        raise ConfigError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
 
 
 def _as_nchw(array: np.ndarray, source: str) -> np.ndarray:
@@ -362,6 +352,76 @@ def _folder(path: Path, image_size: int | None, channels: int) -> _LazyImages:
     return ds
 
 
+class _Request(NamedTuple):
+    """What :func:`load_dataset` was asked for, as every loader of :data:`SOURCES` gets it."""
+
+    root: Path
+    split: str
+    image_size: int | None
+    channels: int
+    key: str | None
+
+
+def _load_digits(r: _Request) -> Dataset:
+    return _digits(r.split)
+
+
+def _load_camouflage(r: _Request) -> Dataset:
+    from .segmentation.folders import segmentation_set
+
+    images, _ = segmentation_set("camouflage", r.split, r.image_size)
+    return ImageTensorDataset(images, name="camouflage")
+
+
+def _load_npz(r: _Request) -> Dataset:
+    return _npz(r.root, r.split, r.key)
+
+
+def _load_cifar10(r: _Request) -> Dataset:
+    return _cifar10(r.root, r.split)
+
+
+def _load_svhn(r: _Request) -> Dataset:
+    return _svhn(r.root, r.split)
+
+
+def _load_celeba(r: _Request) -> Dataset:
+    return _celeba(r.root, r.split, r.image_size)
+
+
+def _load_folder(r: _Request) -> Dataset:
+    return _folder(r.root, r.image_size, r.channels)
+
+
+class Source(NamedTuple):
+    """A dataset :func:`load_dataset` knows by name.
+
+    Attributes:
+        load: The loader, from the request (root, split, image_size, channels, key).
+        splits: Its splits (None: any, e.g. a folder, which has one).
+        sized: Whether it takes ``image_size`` (else its images have a fixed size).
+        needs_root: Whether ``root`` must be given (the file or directory itself).
+    """
+
+    load: Callable[[_Request], Dataset]
+    splits: tuple[str, ...] | None = ("train", "test")
+    sized: bool = False
+    needs_root: bool = False
+
+
+#: Every dataset by name: adding one is a loader and one line here.
+SOURCES: dict[str, Source] = {
+    "digits": Source(_load_digits),
+    "camouflage": Source(_load_camouflage, sized=True),
+    "cifar10": Source(_load_cifar10),
+    "svhn": Source(_load_svhn, ("train", "test", "extra")),
+    "celeba": Source(_load_celeba, ("train", "valid", "test", "all"), sized=True),
+    "npz": Source(_load_npz, needs_root=True),
+    "folder": Source(_load_folder, None, sized=True, needs_root=True),
+}
+DATASETS = tuple(SOURCES)
+
+
 def load_dataset(
     name: str | Path = "digits",
     split: str = "train",
@@ -398,36 +458,25 @@ def load_dataset(
     path = Path(name)
     if str(name).endswith(".npz"):
         name, root = "npz", path
-    elif name not in DATASETS and path.is_dir():
+    elif name not in SOURCES and path.is_dir():
         name, root = "folder", path
-    if name not in DATASETS:
+    if name not in SOURCES:
         raise ConfigError(
-            f"unknown dataset {str(name)!r}; valid: {', '.join(DATASETS)}, an .npz path or "
+            f"unknown dataset {str(name)!r}; valid: {', '.join(SOURCES)}, an .npz path or "
             "an image directory"
         )
-    if name in ("npz", "folder") and root is None:
+    source = SOURCES[name]
+    if source.needs_root and root is None:
         raise ConfigError(f"dataset {name!r} needs root= (the {name} path)")
-    if image_size is not None and name in ("digits", "cifar10", "svhn", "npz"):
-        raise ConfigError(f"{name} has a fixed image size; image_size is for celeba and folder")
-    if name != "folder":
-        _check_split(name, split)
+    if image_size is not None and not source.sized:
+        sized = ", ".join(n for n, src in SOURCES.items() if src.sized)
+        raise ConfigError(f"{name} has a fixed image size; image_size is for {sized}")
+    if source.splits is not None and split not in source.splits:
+        raise ConfigError(
+            f"unknown split {split!r} for {name}; valid splits: {', '.join(source.splits)}"
+        )
     root = _default_root() if root is None else Path(root)
-    if name == "digits":
-        return _digits(split)
-    if name == "camouflage":
-        from .segmentation.folders import segmentation_set
-
-        images, _ = segmentation_set("camouflage", split, image_size)
-        return ImageTensorDataset(images, name="camouflage")
-    if name == "npz":
-        return _npz(root, split, key)
-    if name == "cifar10":
-        return _cifar10(root, split)
-    if name == "svhn":
-        return _svhn(root, split)
-    if name == "celeba":
-        return _celeba(root, split, image_size)
-    return _folder(root, image_size, channels)
+    return source.load(_Request(root, split, image_size, channels, key))
 
 
 def stack_images(dataset: Dataset, limit: int | None = None) -> Tensor:

@@ -30,8 +30,9 @@ from .capacity import BudgetUse, budget_use, low_share_message
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
-    load_checkpoint,
+    load_run_checkpoint,
     remove_stale_temporaries,
+    run_checkpoint,
     save_checkpoint,
 )
 from .data import load_dataset, stack_images
@@ -241,7 +242,7 @@ def load_run_model(
     """The model of a run or checkpoint (EMA weights by default), in eval mode, and the
     checkpoint."""
     target = resolve_device(device)
-    state = load_checkpoint(run_or_checkpoint)
+    state = load_run_checkpoint(run_or_checkpoint)
     trainer = state["trainer"]
     try:
         model = build_model(ModelConfig.from_dict(state["model_config"]))
@@ -376,7 +377,7 @@ def run_training(
         )
     state = None
     if resume:
-        state = load_checkpoint(checkpoint_path, map_location=device)
+        state = load_run_checkpoint(checkpoint_path, map_location=device)
 
     x_train, x_test = config.images("train"), config.images("test")
     model_options = {k: v for k, v in config.model.items() if k != "image_shape"}
@@ -443,9 +444,9 @@ class Checkpointer:
     :func:`state_is_finite` passes; the replaced checkpoint is kept as
     ``checkpoint.prev.pt``. ``good_step`` is the step of the last good checkpoint."""
 
-    def __init__(self, trainer: Trainer, path: Path, held: torch.Tensor, contents: dict,
+    def __init__(self, trainer: Trainer, path: Path, held: torch.Tensor, configs: tuple,
                  good_step: int | None, log) -> None:  # fmt: skip
-        self.trainer, self.path, self.held, self.contents = trainer, path, held, contents
+        self.trainer, self.path, self.held, self.configs = trainer, path, held, configs
         self.good_step, self.log = good_step, log
 
     def kept(self) -> str:
@@ -461,7 +462,8 @@ class Checkpointer:
             kept = "no checkpoint has been written yet" if self.good_step is None else self.kept()
             self.log(f"step {self.trainer.step}: not checkpointed, {problem}; {kept}")
             return False
-        save_checkpoint({**self.contents, "trainer": self.trainer.state_dict()}, self.path)
+        contents = run_checkpoint(*self.configs, self.trainer.state_dict())
+        save_checkpoint(contents, self.path)
         self.good_step = self.trainer.step
         return True
 
@@ -595,7 +597,7 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
         trainer,
         checkpoint_path,
         held=x_train[: config.batch_size].to(device),
-        contents={"model_config": model.config.to_dict(), "run_config": dataclasses.asdict(config)},
+        configs=(model.config.to_dict(), dataclasses.asdict(config)),
         good_step=None if state is None else trainer.step,
         log=log,
     )

@@ -104,3 +104,18 @@ def test_a_checkpoint_of_an_earlier_format_is_refused_naming_its_version(tmp_pat
     torch.save({"format": f"flowattn-checkpoint-{format}", "trainer": {}}, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match=f"written by flowattn {version} .*retrain"):
         load_checkpoint(tmp_path / "old.pt")
+
+
+def test_a_checkpoint_without_a_run_is_refused_by_the_run_readers(tmp_path):
+    """A valid format-3 file that is not a training run's (a segmentation checkpoint, a
+    hand-written one) names the keys of RUN_SCHEMA it lacks."""
+    from flowattn.checkpoint import RUN_SCHEMA, load_run_checkpoint, run_checkpoint
+    from flowattn.errors import CheckpointError
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"trainer": {}}, path)
+    with pytest.raises(CheckpointError, match="has no model_config, run_config"):
+        load_run_checkpoint(path)
+    save_checkpoint(run_checkpoint({"preset": "glow"}, {"seed": 3}, {"step": 1}), path)
+    state = load_run_checkpoint(tmp_path)
+    assert set(RUN_SCHEMA) <= set(state) and state["run_config"] == {"seed": 3}

@@ -14,6 +14,7 @@ from flowattn.data import (
     load_dataset,
     stack_images,
 )
+from flowattn.errors import ConfigError
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10/cifar10_subset.npz"
 rng = np.random.default_rng(0)
@@ -237,3 +238,22 @@ def test_an_image_folder_reads_every_suffix_the_package_writes_and_lists(tmp_pat
     for i, suffix in enumerate(IMAGE_SUFFIXES):
         if suffix not in (".jpg", ".jpeg", ".webp"):  # lossy by default
             assert torch.equal(images[i], torch.from_numpy(pixels).permute(2, 0, 1)), suffix
+
+
+def test_a_dataset_added_to_sources_is_loaded_split_checked_and_sized(monkeypatch):
+    """Adding a dataset is one entry in SOURCES: load_dataset dispatches to its loader,
+    checks its splits and refuses image_size for a fixed-size one."""
+    from flowattn import data
+
+    seen = []
+
+    def load(request):
+        seen.append(request)
+        return data.ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), name="toy")
+
+    monkeypatch.setitem(data.SOURCES, "toy", data.Source(load, ("train", "dev")))
+    assert len(load_dataset("toy", "dev")) == 2 and seen[0].split == "dev"
+    with pytest.raises(ConfigError, match="valid splits: train, dev"):
+        load_dataset("toy", "test")
+    with pytest.raises(ConfigError, match="fixed image size"):
+        load_dataset("toy", "train", image_size=8)
