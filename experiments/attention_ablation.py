@@ -14,6 +14,9 @@ at both points (the equal-steps and the equal-time budgets). The models:
   the attention step (a control with extra capacity that is not attention);
 * ``iresnet-attn:<kind>``: the attention step of each certified kind.
 
+A spec may end in ``@<scale>`` to place its step at another scale than ``--model``'s
+``attention_scale`` (e.g. ``iresnet-attn:external@0`` beside a run at scale 1).
+
 Test bits/dim are exact (dense Jacobians) where the images have at most
 ``flowattn.evaluation.EXACT_MAX_DIMS`` values (digits, CIFAR at 8x8), else the unbiased
 roulette with its certified error bar. Every model and seed sees the same test images and
@@ -90,8 +93,15 @@ class Config(DataConfig):
 
 
 def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> ModelConfig:
-    """The model of a spec: ``iresnet``, ``iresnet+<extra step>``, ``iresnet-attn:<kind>``."""
+    """The model of a spec: ``iresnet``, ``iresnet+<extra step>``, ``iresnet-attn:<kind>``,
+    each optionally followed by ``@<scale>``, the ``attention_scale`` of its extra or
+    attention step (over ``--model``'s)."""
     options = {"image_shape": image_shape, **config.model}
+    spec, at, scale = spec.partition("@")
+    if at:
+        if not scale.isdigit():
+            raise ValueError(f"{spec}@{scale}: the scale after @ is a number, e.g. @1")
+        options["attention_scale"] = int(scale)
     preset, _, kind = spec.partition(":")
     preset, _, extra = preset.partition("+")
     options["preset"] = preset

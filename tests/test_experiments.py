@@ -296,3 +296,15 @@ def test_dense_experiment_end_to_end_and_resume(tmp_path, capsys):
     assert "seed 0:" not in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not among the variants"):
         dense.main([*argv, "--reference", "sagan"])
+
+
+def test_ablation_specs_place_the_step_at_another_scale():
+    config = attention_ablation.Config(model={"attention_scale": 1})
+    shape = (3, 32, 32)
+    assert attention_ablation.model_config("iresnet-attn:l2", config, shape).attention_scale == 1
+    moved = attention_ablation.model_config("iresnet-attn:l2@0", config, shape)
+    assert moved.attention_scale == 0 and moved.attention == "l2"
+    control = attention_ablation.model_config("iresnet+actnorm@0", config, shape)
+    assert control.extra_step == "actnorm" and control.attention_scale == 0
+    with pytest.raises(ValueError, match="a number"):
+        attention_ablation.model_config("iresnet-attn:l2@x", config, shape)
