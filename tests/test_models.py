@@ -324,3 +324,23 @@ def test_attention_scale_moves_the_step_to_fewer_tokens(preset, extra, device):
 def test_attention_scale_errors(scale):
     with pytest.raises(ConfigError, match=r"attention_scale must be an integer in \[0, 1\]"):
         build_model("iresnet-attn", image_shape=(1, 8, 8), scales=2, attention_scale=scale)
+
+
+@pytest.mark.parametrize(
+    "shape, scales, expected",
+    [((1, 8, 8), 2, 0), ((3, 32, 32), 2, 1), ((3, 64, 64), 3, 2), ((3, 64, 64), 2, 1)],
+)
+def test_the_default_attention_scale_is_the_first_with_at_most_64_tokens(shape, scales, expected):
+    """Residual presets put the step at the first scale where it sees <= 64 tokens (the
+    last one when none does: 64x64 images with 2 scales give 256 tokens at scale 1);
+    Glow presets keep scale 0; a given scale is kept."""
+    _, h, w = shape
+    for options in ({"preset": "iresnet-attn"}, {"preset": "iresnet", "extra_step": "actnorm"}):
+        config = ModelConfig.from_dict({**options, "image_shape": shape, "scales": scales})
+        assert config.attention_scale == expected
+        tokens = (h >> (expected + 1)) * (w >> (expected + 1))
+        assert tokens <= 64 or expected == scales - 1
+    glow = ModelConfig.from_dict({"preset": "glow-attn", "image_shape": shape, "scales": scales})
+    assert glow.attention_scale == 0
+    given = ModelConfig.from_dict({"image_shape": shape, "scales": scales, "attention_scale": 0})
+    assert given.attention_scale == 0

@@ -1,8 +1,9 @@
 """The attention step's share of an ``iresnet-attn`` training step, per kind and scale.
 
-On 3 x 32 x 32 images the attention step at the end of the first scale (the default,
-``attention_scale=0``) sees 16 x 16 = 256 tokens; at the end of the second
-(``attention_scale=1``) it sees 8 x 8 = 64 tokens, with four times the channels. For
+On 3 x 32 x 32 images the attention step at the end of the first scale
+(``attention_scale=0``, the default before 0.3) sees 16 x 16 = 256 tokens; at the end of
+the second (``attention_scale=1``, the default since) it sees 8 x 8 = 64 tokens, with
+four times the channels. For
 each certified kind and each scale, a training step (forward, log-det, backward, Adam)
 of ``iresnet-attn`` and of the same model without attention (``iresnet``, same seed,
 same batch) are timed interleaved step by step in one process (order alternating, a

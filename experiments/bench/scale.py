@@ -3,11 +3,11 @@
 For each image side S (default 16, 32, 64: CelebA-64 sized at the top) and each attention
 kind (every registered kind, certified), a model ``iresnet-attn`` on
 3 x S x S images (2 scales x 2 blocks, 16 hidden channels, the attention step at the end
-of the first scale, on N = (S/2)^2 tokens of 12 channels) and the same model without
-attention (``iresnet``) take training steps (forward, backward, Adam) on random 8-bit
-batches. The log-det is the 5-term series by default (``--estimator``; differentiated with
-the library's default Neumann-series gradient): every step then
-does the same work, where the roulette's random number of terms would make the step
+of the first scale, ``attention_scale=0``, on N = (S/2)^2 tokens of 12 channels) and the
+same model without attention (``iresnet``) take training steps (forward, backward, Adam)
+on random 8-bit batches. The log-det is the 5-term series by default (``--estimator``;
+differentiated with the library's default Neumann-series gradient): every step then does
+the same work, where the roulette's random number of terms would make the step
 times of one model vary more than the kinds differ. Printed per size and kind: the median step
 time, the attention's share of the step (1 - t(iresnet) / t(kind)), the growth exponent
 of the step time in N against the previous size, and the peak memory of one step (the
@@ -53,7 +53,9 @@ def build(kind: str, size: int, hidden: int, estimator: str):
     options = {"scales": 2, "blocks": 2, "hidden": hidden, "estimator": estimator}
     if kind == "none":
         return build_model("iresnet", image_shape=(3, size, size), **options)
-    return build_model("iresnet-attn", image_shape=(3, size, size), attention=kind, **options)
+    return build_model(
+        "iresnet-attn", image_shape=(3, size, size), attention=kind, attention_scale=0, **options
+    )
 
 
 def trainer_for(kind: str, size: int, args) -> Trainer:

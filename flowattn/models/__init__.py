@@ -11,9 +11,10 @@ latent. Presets:
   residual block (ELU). It trains with the unbiased Russian-roulette log-det by default
   (``estimator="series"`` gives i-ResNet's truncated series, whose bias training can
   exploit: see :func:`flowattn.evaluation.series_bias_bound`).
-* ``iresnet-attn``: i-ResNet with an invertible attention step at the end of the first
-  scale, as in Zha et al. (2021); ``attention`` picks the kind (default ``external``),
-  ``attention_scale`` another scale (fewer tokens, cheaper steps).
+* ``iresnet-attn``: i-ResNet with an invertible attention step, as in Zha et al.
+  (2021), at the end of the first scale whose step has at most 64 tokens (the first on
+  8x8 images, the second on 32x32; ``attention_scale`` picks another); ``attention``
+  picks the kind (default ``external``).
 * ``resflow``: Residual Flows (Chen et al., 2019): LipSwish, unbiased Russian-roulette
   log-det with the Neumann gradient.
 * ``glow``: Glow (Kingma & Dhariwal, 2018): ActNorm, 1x1 convolution, affine coupling.
@@ -38,11 +39,12 @@ References:
 """
 
 from .builder import build_model
-from .config import EXTRA_STEPS, PRESETS, SIZES, ModelConfig, Preset
+from .config import EXTRA_STEPS, MAX_ATTENTION_TOKENS, PRESETS, SIZES, ModelConfig, Preset
 from .density import DensityModel
 
 __all__ = [
     "EXTRA_STEPS",
+    "MAX_ATTENTION_TOKENS",
     "PRESETS",
     "SIZES",
     "DensityModel",

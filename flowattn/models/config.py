@@ -3,7 +3,7 @@ and sizes' defaults, checked once when it is resolved."""
 
 from __future__ import annotations
 
-__all__ = ["EXTRA_STEPS", "PRESETS", "SIZES", "ModelConfig"]
+__all__ = ["EXTRA_STEPS", "MAX_ATTENTION_TOKENS", "PRESETS", "SIZES", "ModelConfig"]
 
 import dataclasses
 import typing
@@ -42,6 +42,9 @@ _PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The most tokens the attention step gets by default (``ModelConfig.attention_scale``).
+MAX_ATTENTION_TOKENS = 64
+
 EXTRA_STEPS = ("actnorm", "conv")
 """The controls ``ModelConfig.extra_step`` can put where the attention step would be."""
 
@@ -69,7 +72,11 @@ class ModelConfig:
             the ``extra_step`` control, goes. Each scale halves H and W, so the step's
             N = H W / 4**(attention_scale + 1) tokens shrink fourfold per scale, and its
             N x N responses sixteenfold (on 3 x 32 x 32 images: 256 tokens at scale 0,
-            64 at scale 1). Glow presets: the scale whose couplings use ``sagan``.
+            64 at scale 1). None (the default): for residual presets the first scale
+            whose step has at most :data:`MAX_ATTENTION_TOKENS` tokens (the last if none
+            has): 0 on 8x8 images, 1 on 32x32, where the attention step at scale 0 took
+            51-67% of a training step and lost at equal time (docs/results.md); for Glow
+            presets 0. Glow presets: the scale whose couplings use ``sagan``.
         extra_step: Residual presets without attention: one more step where
             ``iresnet-attn`` puts its attention step (the end of ``attention_scale``), the
             controls of an attention ablation: ``actnorm`` (the attention step's ActNorm
@@ -102,7 +109,7 @@ class ModelConfig:
     attention_coeff: float = 0.9
     attention_certified: bool = True
     attention_options: dict[str, Any] = field(default_factory=dict)
-    attention_scale: int = 0
+    attention_scale: int | None = None
     extra_step: str | None = None
     estimator: str | None = None
     n_terms: int | None = None
@@ -158,6 +165,9 @@ class ModelConfig:
             if values[key] in ("none", ""):
                 values[key] = None
         values["image_shape"] = tuple(int(s) for s in values["image_shape"])
+        if values["attention_scale"] is None:
+            residual = not values["preset"].startswith("glow")
+            values["attention_scale"] = _default_attention_scale(values) if residual else 0
         config = ModelConfig(**values)
         _check(config)
         return config
@@ -234,3 +244,17 @@ def _check(config: ModelConfig) -> None:
             f"preset {config.preset!r} takes ordinary attention "
             f"({', '.join(ORDINARY_ATTENTION)}) or none, got {config.attention!r}"
         )
+
+
+def _default_attention_scale(values: dict[str, Any]) -> int:
+    """The first scale whose step sees at most :data:`MAX_ATTENTION_TOKENS` tokens (H W /
+    4**(scale + 1)), else the last; 0 where the sizes are not valid yet (:func:`_check`
+    names the problem)."""
+    scales, shape = values["scales"], values["image_shape"]
+    if not isinstance(scales, int) or scales < 1 or len(shape) != 3:
+        return 0
+    _, h, w = shape
+    for scale in range(scales):
+        if (h >> (scale + 1)) * (w >> (scale + 1)) <= MAX_ATTENTION_TOKENS:
+            return scale
+    return scales - 1
