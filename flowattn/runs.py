@@ -171,6 +171,13 @@ class RunConfig:
         return configs.to_toml(self)
 
 
+#: What the global generator is seeded with at each stage of a run, from the run's seed:
+#: the model's initialisation takes the seed itself; training (probes, dequantisation
+#: noise) the seed plus ``rank`` times the rank (each rank its own stream); the final
+#: evaluation and the sample and reconstruction grids their own offsets.
+SEED_OFFSETS = {"rank": 1000, "evaluation": 3, "images": 7}
+
+
 @dataclass
 class RunSummary:
     """What :func:`run_training` reports at the end."""
@@ -215,7 +222,7 @@ def _rank() -> int:
 def _write_images(model: DensityModel, config: RunConfig, x_test, run_dir: Path, writer, step):
     from .plots import save_grid
 
-    torch.manual_seed(config.seed + 7)
+    torch.manual_seed(config.seed + SEED_OFFSETS["images"])
     samples = model.sample(config.samples, temperature=config.temperature)
     samples_path = run_dir / "samples.png"
     nrow = max(1, int(math.sqrt(config.samples)))
@@ -395,7 +402,7 @@ def run_training(
     if state is not None:
         _check_resumed_model(state["model_config"], model.config, run_dir)
     # probes and dequantisation noise differ per rank
-    torch.manual_seed(config.seed + 1000 * rank)
+    torch.manual_seed(config.seed + SEED_OFFSETS["rank"] * rank)
     trainer = Trainer(
         model,
         x_train,
@@ -416,7 +423,7 @@ def run_training(
                 f"--resume: {checkpoint_path} does not fit this run: {reason}"
             ) from None
         if trainer.world_size > 1:  # the checkpoint holds rank 0's random state
-            torch.manual_seed(config.seed + 1000 * rank + trainer.step)
+            torch.manual_seed(config.seed + SEED_OFFSETS["rank"] * rank + trainer.step)
 
     lock = None
     created = not run_dir.exists()
@@ -652,7 +659,7 @@ def _train_locked(config, model, trainer, state, x_train, x_test, run_dir, lock,
     if rank != 0:
         return RunSummary(run_dir, trainer.step, None, None, None, **common)
 
-    torch.manual_seed(config.seed + 3)
+    torch.manual_seed(config.seed + SEED_OFFSETS["evaluation"])
     with trainer.evaluation_weights():
         # the dequantisation noise is seeded with the run's seed, as `flowattn eval` does
         bpd = model.bits_per_dim(x_test, batch_size=256, seed=config.seed)
