@@ -8,7 +8,7 @@ __all__ = ["DensityModel"]
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from nflows.distributions import Distribution, StandardNormal
@@ -18,8 +18,6 @@ from torch import Tensor
 
 from .. import evaluation
 from ..images import check_images
-from ..logdet import LogDetEstimator
-from ..metrics import BitsPerDim
 from ..transforms.preprocess import UniformDequantization
 from ..transforms.residual import ResidualTransform
 
@@ -128,24 +126,10 @@ class DensityModel(Flow):
         where uncertified)."""
         return {name: step.lipschitz_bound() for name, step in self.residual_steps()}
 
-    def bits_per_dim(
-        self,
-        x: Tensor,
-        *,
-        repeats: int = 1,
-        batch_size: int = 256,
-        estimator: str | LogDetEstimator | None = None,
-        seed: int = 0,
-        progress: bool = False,
-        **estimator_options: Any,
-    ) -> BitsPerDim:
-        """Bits/dim of uint8 images (N, C, H, W) with an honest standard error and the
-        certified bias bound of the estimator: :func:`flowattn.evaluation.bits_per_dim`
-        (exact log-dets for small images, else the unbiased roulette)."""
-        return evaluation.bits_per_dim(
-            self, x, repeats=repeats, batch_size=batch_size, estimator=estimator, seed=seed,
-            progress=progress, **estimator_options,
-        )  # fmt: skip
+    #: Bits/dim of uint8 images (N, C, H, W) with an honest standard error and the
+    #: estimator's certified bias bound: :func:`flowattn.evaluation.bits_per_dim`, as a
+    #: method (the model is its first argument).
+    bits_per_dim = evaluation.bits_per_dim
 
     def encode(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> latents (B, D). uint8 images use bin centres."""
@@ -167,10 +151,7 @@ class DensityModel(Flow):
     def reconstruct(self, x: Tensor) -> Tensor:
         """decode(encode(x)): float images in [0, 1] -> float; uint8 -> uint8 (quantised)."""
         x_hat = self.decode(self.encode(x))
-        if x.dtype == torch.uint8:
-            x_hat, _ = self.dequantize.inverse(x_hat)
-            return x_hat.to(torch.uint8)
-        return x_hat
+        return _levels(self.dequantize, x_hat) if x.dtype == torch.uint8 else x_hat
 
     def sample(
         self,
@@ -193,10 +174,12 @@ class DensityModel(Flow):
             z = torch.randn(n, self.num_dims, device=self.device) * temperature
             out.append(self.decode(z).clamp(0, 1))
         images = torch.cat(out) if out else torch.empty(0, *self.image_shape)
-        if as_uint8:
-            images, _ = self.dequantize.inverse(images)
-            return images.to(torch.uint8)
-        return images
+        return _levels(self.dequantize, images) if as_uint8 else images
+
+
+def _levels(dequantize: UniformDequantization, images: Tensor) -> Tensor:
+    """Images in [0, 1] quantised to uint8 levels (the dequantisation's inverse)."""
+    return dequantize.inverse(images)[0].to(torch.uint8)
 
 
 @contextlib.contextmanager
