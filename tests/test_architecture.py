@@ -29,7 +29,7 @@ LAYERS = {
         "flowattn.segmentation.camouflage",
         "flowattn.segmentation.folders",
         "flowattn.segmentation.loss",
-        "flowattn.segmentation.metrics",
+        "flowattn.segmentation.scores",
         "flowattn.segmentation.network",
     ],  # fmt: skip
     5: [
@@ -116,3 +116,9 @@ def test_the_check_sees_a_crossing():
     assert layer_of("flowattn.cli") > layer_of("flowattn.models")
     with pytest.raises(KeyError):
         layer_of("flowattn.new_module")  # an unlisted module is not silently placed
+
+
+def test_no_two_modules_share_a_name():
+    """A reader who sees ``metrics`` or ``attention`` knows which module is meant."""
+    names = [path.stem for path in ROOT.rglob("*.py") if path.stem != "__init__"]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

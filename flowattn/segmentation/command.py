@@ -24,8 +24,8 @@ from ..data import IMAGE_SUFFIXES, DataError
 from ..errors import ConfigError
 from .fit import evaluate, load_segmenter, predict, save_segmenter, train
 from .folders import read_image, segmentation_set
-from .metrics import cod_scores
 from .network import SegmentationNet, slot_names
+from .scores import cod_scores
 
 CHECKPOINT = "segmenter.pt"
 

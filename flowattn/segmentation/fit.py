@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .loss import structure_loss
-from .metrics import CODScores, cod_scores
 from .network import SegmentationNet
+from .scores import CODScores, cod_scores
 
 KIND = "segmenter"  # the checkpoint's "kind", which density-model checkpoints do not have
 

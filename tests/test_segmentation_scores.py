@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from flowattn.segmentation.metrics import cod_scores
+from flowattn.segmentation.scores import cod_scores
 
 
 def _mask() -> torch.Tensor:
