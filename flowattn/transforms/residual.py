@@ -163,7 +163,8 @@ class ResidualTransform(Transform):
             return self._inverse(inputs)
 
     def _inverse(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        with self.certified_once(), torch.no_grad():  # one certificate for all iterations
+        # one certificate for every fixed-point iteration and the log-det at the solution
+        with self.certified_once(), torch.no_grad():
             result = solve_fixed_point(
                 self.branch,
                 inputs.detach(),
@@ -172,15 +173,14 @@ class ResidualTransform(Transform):
                 rtol=self.rtol,
                 max_iter=self.max_iter,
             )
-        self.last_inverse = result
-        if not result.converged:
-            message = _not_converged(result, self.solver)
-            if self.strict:
-                raise ConvergenceError(message)
-            warnings.warn(message, ConvergenceWarning, stacklevel=3)  # inverse's caller
-        if self.skip_log_dets:
-            return result.solution, self._nan_log_dets(result.solution)
-        with self.certified_once(), torch.no_grad():
+            self.last_inverse = result
+            if not result.converged:
+                message = _not_converged(result, self.solver)
+                if self.strict:
+                    raise ConvergenceError(message)
+                warnings.warn(message, ConvergenceWarning, stacklevel=3)  # inverse's caller
+            if self.skip_log_dets:
+                return result.solution, self._nan_log_dets(result.solution)
             _, logabsdet = self.estimator(self.branch, result.solution)
         return result.solution, -logabsdet
 
