@@ -90,7 +90,13 @@ def using_estimator(
     if estimator is None:
         yield
         return
-    facts = _steps_with_bounds(model)
+    with _swapped(_steps_with_bounds(model), estimator, options):
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(facts: list, estimator: str | LogDetEstimator, options: dict) -> Iterator[None]:
+    """:func:`using_estimator` on the steps of ``facts`` (:func:`_steps_with_bounds`)."""
     saved = [(step, step.estimator) for _, step, _, _ in facts]
     try:
         for _, step, _, bound in facts:
@@ -130,10 +136,13 @@ def bias_bound(model) -> float:
     """A certified bound, in bits/dim, on the bias of the log-density with the residual
     steps' current estimators: the sum of each step's
     :meth:`~flowattn.logdet.LogDetEstimator.bias_bound` over :math:`D \\ln 2`."""
-    total = sum(
-        step.estimator.bias_bound(bound, dims) for _, step, dims, bound in _steps_with_bounds(model)
-    )
-    return total / (model.num_dims * math.log(2))
+    return _bias_bound(_steps_with_bounds(model), model.num_dims)
+
+
+def _bias_bound(facts: list, num_dims: int) -> float:
+    """:func:`bias_bound` from the steps' facts (:func:`_steps_with_bounds`)."""
+    total = sum(step.estimator.bias_bound(bound, dims) for _, step, dims, bound in facts)
+    return total / (num_dims * math.log(2))
 
 
 def series_bias_bound(model, n_terms: int) -> float:
@@ -152,8 +161,9 @@ def series_bias_bound(model, n_terms: int) -> float:
         >>> series_bias_bound(model, 5) > series_bias_bound(model, 20) > 0
         True
     """
-    with using_estimator(model, "series", n_terms=n_terms):
-        return bias_bound(model)
+    facts = _steps_with_bounds(model)
+    with _swapped(facts, "series", {"n_terms": n_terms}):
+        return _bias_bound(facts, model.num_dims)
 
 
 def bits_per_dim(
@@ -215,9 +225,10 @@ def bits_per_dim(
     if name == "exact" or isinstance(name, ExactLogDet):
         batch_size = min(batch_size, max(1, 2**26 // model.num_dims**2))
     start_time = time.perf_counter()
-    with model.evaluating(), using_estimator(model, name, **estimator_options), torch.no_grad():
+    facts = _steps_with_bounds(model)  # every step's certificate, once
+    with model.evaluating(), _swapped(facts, name, estimator_options), torch.no_grad():
         description = estimator_description(model)
-        bias = bias_bound(model)
+        bias = _bias_bound(facts, model.num_dims)
         certified = all(step.estimator.error_bar_certified for _, step in model.residual_steps())
         values = per_image_bits_per_dim(model, x, repeats, batch_size, seed, progress)
     result = metrics.summarize_bits_per_dim(
