@@ -231,32 +231,28 @@ def _random_states() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
-    return random_states_to_data(states)
+    return _as_data(states)
 
 
-def random_states_to_data(states: dict[str, Any]) -> dict[str, Any]:
-    """Random states with numpy's and python's tuples turned into tensors and numbers
-    (states already in that form pass through)."""
-    out = dict(states)
-    numpy_state = states["numpy"]
-    if isinstance(numpy_state, tuple):
-        name, keys, pos, has_gauss, gauss = numpy_state[:5]
-        out["numpy"] = {
+def _as_data(states: dict[str, Any]) -> dict[str, Any]:
+    """Random states with numpy's and python's tuples turned into tensors and numbers."""
+    name, keys, pos, has_gauss, gauss = states["numpy"][:5]
+    version, internal, gauss_next = states["python"]
+    return {
+        **states,
+        "numpy": {
             "name": str(name),
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(gauss),
-        }
-    python_state = states["python"]
-    if isinstance(python_state, tuple):
-        version, internal, gauss_next = python_state
-        out["python"] = {
+        },
+        "python": {
             "version": int(version),
             "state": torch.tensor(internal, dtype=torch.int64),
             "gauss_next": gauss_next,
-        }
-    return out
+        },
+    }
 
 
 def _set_random_states(states: dict[str, Any]) -> None:
