@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -179,7 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             config.device = f"cuda:{local}"
     # SIGTERM (what schedulers send) stops the run like Ctrl-C, with a checkpoint; the
     # command installs the handler, the library does not
-    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         summary = run_training(
             config,
@@ -190,7 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"flowattn: error: {error}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         if world > 1:
             import torch.distributed as dist
 
