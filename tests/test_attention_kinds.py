@@ -49,7 +49,7 @@ def test_unknown_names_and_missing_forms_raise_config_errors_that_suggest():
         attention_kind("concatt")
     with pytest.raises(ConfigError, match="no faithful"):
         parse_variant("faithful:external")
-    with pytest.raises(ConfigError, match="no uncertified form"):
+    with pytest.raises(ConfigError, match="'l2' has no faithful"):
         ModelConfig.from_dict(
             {"preset": "iresnet-attn", "attention": "l2", "attention_certified": False}
         )

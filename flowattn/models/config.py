@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ..errors import ConfigError
 from ..logdet import ESTIMATORS, estimator_defaults
 from ..names import check_names, closest
-from ..nn.attention_kinds import KINDS, PAPER_KINDS
+from ..nn.attention_kinds import attention_kind
 from ..nn.conv_branch import ACTIVATIONS
 from ..solvers import SOLVERS
 
@@ -215,18 +215,8 @@ def _check(config: ModelConfig) -> None:
             raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}")
         if config.estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {', '.join(ESTIMATORS)}")
-        if config.attention is not None and config.attention not in KINDS:
-            raise ConfigError(
-                f"preset {config.preset!r} takes an invertible attention kind "
-                f"({', '.join(KINDS)}) or none, got {config.attention!r}"
-            )
-        uncertified = config.attention is not None and not config.attention_certified
-        if uncertified and config.attention not in PAPER_KINDS:
-            raise ConfigError(
-                f"attention kind {config.attention!r} has no uncertified form: "
-                "attention_certified = false is for the paper's kinds "
-                f"({', '.join(PAPER_KINDS)})"
-            )
+        if config.attention is not None:  # the registry names an unknown or missing form
+            attention_kind(config.attention).branch_class(config.attention_certified)
         if config.extra_step not in (None, *EXTRA_STEPS):
             raise ConfigError(
                 f"extra_step must be one of {', '.join(EXTRA_STEPS)} or none, "
