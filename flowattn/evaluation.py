@@ -103,7 +103,9 @@ def _swapped(facts: list, estimator: str | LogDetEstimator, options: dict) -> It
             if isinstance(estimator, LogDetEstimator):
                 step.estimator = estimator
             else:
-                step.estimator = make_estimator(estimator, **{"lipschitz": bound, **options})
+                swapped = make_estimator(estimator, **{"lipschitz": bound, **options})
+                swapped.generator = step.estimator.generator  # the model's draws stay its own
+                step.estimator = swapped
         yield
     finally:
         for step, original in saved:

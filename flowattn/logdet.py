@@ -138,6 +138,9 @@ class LogDetEstimator(nn.Module):
 
     stochastic: bool = True
     unbiased: bool = False
+    #: The CPU generator of the estimator's draws (probes, numbers of terms); None: torch's
+    #: default generator, as torch's own random functions use.
+    generator: torch.Generator | None = None
 
     def forward(self, branch: Branch, x: Tensor) -> tuple[Tensor, Tensor]:
         graph = _needs_graph(x, branch)
@@ -256,7 +259,7 @@ class _SeriesLogDet(LogDetEstimator):
             gx = branch(x_in)
         weights = weights.to(dtype=x.dtype, device=x.device)
         counts = (weights != 0).sum(0)  # terms per sample (kept terms have weight > 0)
-        probes = sample_probes(x, self.n_probes, self.probe)
+        probes = sample_probes(x, self.n_probes, self.probe, self.generator)
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for v in probes:
             rows = torch.arange(x.shape[0], device=x.device)  # samples of the graph's rows
@@ -286,7 +289,7 @@ class _SeriesLogDet(LogDetEstimator):
         weights = self.term_weights(x.shape[0]) if weights is None else weights
         weights = weights.to(dtype=x.dtype, device=x.device)
         expand = (-1,) + (1,) * (x.dim() - 1)  # a (B,) weight against (B, ...) vectors
-        probes = sample_probes(x, self.n_probes, self.probe)
+        probes = sample_probes(x, self.n_probes, self.probe, self.generator)
         neumann = create_graph and self.gradient == "neumann"
         through_series = create_graph and self.gradient == "backprop"
         total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -523,11 +526,13 @@ class RussianRouletteLogDet(_SeriesLogDet):
         return max(1.0 - cdf, 1e-300)
 
     def sample_extra_terms(self, batch: int = 1) -> Tensor:
-        """Numbers of extra terms (batch,), int64, from the global random generator."""
+        """Numbers of extra terms (batch,), int64, drawn from :attr:`generator`."""
+        g = self.generator
         if self.distribution == "geometric":
-            draws = torch.empty(batch, dtype=torch.float64).geometric_(self.p)
+            draws = torch.empty(batch, dtype=torch.float64).geometric_(self.p, generator=g)
         else:
-            draws = torch.poisson(torch.full((batch,), float(self.lam), dtype=torch.float64))
+            rates = torch.full((batch,), float(self.lam), dtype=torch.float64)
+            draws = torch.poisson(rates, generator=g)
         return draws.long()
 
     def describe(self) -> str:

@@ -344,3 +344,27 @@ def test_the_default_attention_scale_is_the_first_with_at_most_64_tokens(shape, 
     assert glow.attention_scale == 0
     given = ModelConfig.from_dict({"image_shape": shape, "scales": scales, "attention_scale": 0})
     assert given.attention_scale == 0
+
+
+@pytest.mark.parametrize("estimator", ["roulette", "series"])
+def test_draws_come_from_the_given_generator_and_leave_the_global_one_alone(estimator):
+    from flowattn.models import draw_from
+
+    model = build_model(
+        "iresnet-attn", image_shape=(1, 8, 8), scales=1, blocks=1, hidden=4, estimator=estimator
+    )
+    model.train()  # per-batch draws, dequantisation noise
+    x = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    dequantized = model.check_images(x.float() / 255)
+    model.log_prob(dequantized)  # initialises the ActNorms from the data
+    assert draw_from(model, torch.Generator().manual_seed(5)) >= 3  # steps + dequantisation
+    before = torch.get_rng_state()
+    first = model.bits_per_dim(x, estimator="roulette")
+    again = model.log_prob(dequantized)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing drawn from the global one
+    draw_from(model, torch.Generator().manual_seed(5))
+    assert model.bits_per_dim(x, estimator="roulette").values.equal(first.values)
+    torch.testing.assert_close(model.log_prob(dequantized), again, rtol=0, atol=0)
+    draw_from(model, torch.Generator().manual_seed(6))
+    assert not torch.equal(model.log_prob(dequantized), again)  # the draws do change it
+    assert draw_from(model, None) >= 3

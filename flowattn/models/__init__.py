@@ -40,7 +40,7 @@ References:
 
 from .builder import build_model
 from .config import EXTRA_STEPS, MAX_ATTENTION_TOKENS, PRESETS, SIZES, ModelConfig, Preset
-from .density import DensityModel
+from .density import DensityModel, draw_from
 
 __all__ = [
     "EXTRA_STEPS",
@@ -51,4 +51,5 @@ __all__ = [
     "ModelConfig",
     "Preset",
     "build_model",
+    "draw_from",
 ]

@@ -3,7 +3,7 @@ sample API (evaluation itself is :mod:`flowattn.evaluation`)."""
 
 from __future__ import annotations
 
-__all__ = ["DensityModel"]
+__all__ = ["DensityModel", "draw_from"]
 
 import contextlib
 import math
@@ -14,10 +14,11 @@ import torch
 from nflows.distributions import Distribution, StandardNormal
 from nflows.flows import Flow
 from nflows.transforms import CompositeTransform, Transform
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import evaluation
 from ..images import check_images
+from ..logdet import LogDetEstimator
 from ..transforms.preprocess import UniformDequantization
 from ..transforms.residual import ResidualTransform
 
@@ -175,6 +176,28 @@ class DensityModel(Flow):
             out.append(self.decode(z).clamp(0, 1))
         images = torch.cat(out) if out else torch.empty(0, *self.image_shape)
         return _levels(self.dequantize, images) if as_uint8 else images
+
+
+def draw_from(model: nn.Module, generator: torch.Generator | None) -> int:
+    """Makes every random draw of ``model`` (the log-det estimators' probes and numbers of
+    terms, the dequantisation noise) come from ``generator``, a CPU generator, instead of
+    torch's default one (None: back to it). Returns the number of modules set.
+
+    Examples:
+        >>> from flowattn.models import build_model
+        >>> model = build_model("iresnet", image_shape=(1, 4, 4), scales=1, blocks=1, hidden=4)
+        >>> x = torch.rand(2, 1, 4, 4)
+        >>> runs = []
+        >>> for _ in range(2):
+        ...     _ = draw_from(model, torch.Generator().manual_seed(0))
+        ...     runs.append(model.log_prob(x))
+        >>> torch.equal(*runs)
+        True
+    """
+    drawing = [m for m in model.modules() if isinstance(m, LogDetEstimator | UniformDequantization)]
+    for module in drawing:
+        module.generator = generator
+    return len(drawing)
 
 
 def _levels(dequantize: UniformDequantization, images: Tensor) -> Tensor:

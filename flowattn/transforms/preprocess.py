@@ -60,6 +60,9 @@ class UniformDequantization(Transform):
         True
     """
 
+    #: The CPU generator of the noise; None: torch's default generator.
+    generator: torch.Generator | None = None
+
     def __init__(self, bits: int = 8, noise: bool = True):
         super().__init__()
         if not 1 <= bits <= 16:
@@ -83,7 +86,12 @@ class UniformDequantization(Transform):
                 )
         else:
             x = inputs.to(self._reference)
-        u = torch.rand_like(x) if self.noise else torch.full_like(x, 0.5)
+        if not self.noise:
+            u = torch.full_like(x, 0.5)
+        elif self.generator is None:
+            u = torch.rand_like(x)
+        else:
+            u = torch.rand(x.shape, generator=self.generator, dtype=x.dtype).to(x.device)
         return self.with_noise(x, u)
 
     def with_noise(self, inputs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
