@@ -28,8 +28,8 @@ Outputs in ``--out``: ``ablation.json`` (per-image values, resumable), ``ablatio
 (the tables) and ``samples.png`` (seed 0's samples at the equal-time budget, one
 labelled panel per model, in the order of ``models``).
 
-    python experiments/attention_ablation.py --dataset digits --out runs/ablation-digits
-    python experiments/attention_ablation.py --downsample 4 --out runs/ablation-cifar8
+    python -m experiments.attention_ablation --dataset digits --out runs/ablation-digits
+    python -m experiments.attention_ablation --downsample 4 --out runs/ablation-cifar8
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import DataConfig, ensure_dir, parse_config, resume_state, set_threads, user_errors
 from tqdm.auto import tqdm
 
 from flowattn.capacity import budget_use
@@ -51,6 +50,8 @@ from flowattn.models import ModelConfig, build_model
 from flowattn.nn.attention_kinds import KINDS
 from flowattn.runs import resolve_device
 from flowattn.training import Hook, Trainer
+
+from .common import DataConfig, ensure_dir, parse_config, resume_state, set_threads, user_errors
 
 CONTROLS = ("iresnet", "iresnet+actnorm", "iresnet+conv")
 

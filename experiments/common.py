@@ -3,9 +3,8 @@
 An experiment's settings are a dataclass, parsed by flowattn's config layer
 (:mod:`flowattn.configs`, on jsonargparse) as ``flowattn train``'s are. A config file
 holds its fields as top-level TOML keys (list fields as TOML arrays, a ``[model]`` table
-for dict fields); every field is also a flag (``--batch_size 64``, ``--models '[a, b]'``;
-the 0.1 spellings ``--batch-size`` and ``--models a,b`` still work), and flags after
-``--config`` override the file.
+for dict fields); every field is also a flag (``--batch-size 64``, ``--models '[a, b]'``,
+``--model.hidden 16``), and flags after ``--config`` override the file.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 from jsonargparse import ArgumentError
 from torch import Tensor
 
-from flowattn.configs import config_parser, modern_argv, one_line, parse_values, read_file
+from flowattn.configs import config_parser, dashed_flags, one_line, parse_values, read_file
 from flowattn.data import load_dataset, stack_images
 from flowattn.errors import ConfigError
 
@@ -42,7 +41,7 @@ def parse_config(
     for name, help_text in extra.items():
         parser.add_argument(f"--{name}", action="store_true", help=help_text)
     quiet_known_warnings()
-    argv = modern_argv(sys.argv[1:] if argv is None else list(argv), cls)
+    argv = dashed_flags(sys.argv[1:] if argv is None else list(argv), cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     try:
         args = parser.parse_args(argv)

@@ -22,8 +22,8 @@ Outputs in ``--out``: ``dense.json`` (per-image values, resumable), ``dense.md``
 tables) and ``predictions.png`` (test images, their masks, each variant's map; seed 0,
 equal-time budget).
 
-    python experiments/dense.py --out runs/dense
-    python experiments/dense.py --dataset PATH/TO/COD10K --image_size 64 --out runs/dense-cod10k
+    python -m experiments.dense --out runs/dense
+    python -m experiments.dense --dataset PATH/TO/COD10K --image_size 64 --out runs/dense-cod10k
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import ensure_dir, parse_config, resume_state, set_threads, user_errors
 from tqdm.auto import tqdm
 
 from flowattn.runs import resolve_device
@@ -44,6 +43,8 @@ from flowattn.segmentation import SegmentationNet, cod_scores, predict, segmenta
 from flowattn.segmentation.fit import as_input
 from flowattn.segmentation.loss import structure_loss
 from flowattn.segmentation.network import slot_names
+
+from .common import ensure_dir, parse_config, resume_state, set_threads, user_errors
 
 SHOWN = 8  # test images in the prediction figure
 

@@ -23,9 +23,9 @@ Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per model),
 ``curves.csv`` (model, step, training seconds, test bpd, standard error),
 ``bpd_vs_time.png`` (the curves) and ``samples_<model>.png``.
 
-    python experiments/density.py --config experiments/configs/density/cifar10-cpu.toml
-    python experiments/density.py --config experiments/configs/density/cifar10-gpu.toml
-    python experiments/density.py --models iresnet,glow --budget 2 --dataset digits
+    python -m experiments.density --config experiments/configs/density/cifar10-cpu.toml
+    python -m experiments.density --config experiments/configs/density/cifar10-gpu.toml
+    python -m experiments.density --models '[iresnet, glow]' --budget 2 --dataset digits
 """
 
 from __future__ import annotations
@@ -41,14 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    DataConfig,
-    describe_size,
-    ensure_dir,
-    parse_config,
-    set_threads,
-    user_errors,
-)
 
 from flowattn.evaluation import estimator_description
 from flowattn.metrics import BitsPerDim, NonFiniteDensityError, paired_values_difference
@@ -58,6 +50,15 @@ from flowattn.plots import save_grid
 from flowattn.runs import resolve_device
 from flowattn.training import Every, NonFiniteLossError, Trainer
 from flowattn.transforms import ConvergenceWarning
+
+from .common import (
+    DataConfig,
+    describe_size,
+    ensure_dir,
+    parse_config,
+    set_threads,
+    user_errors,
+)
 
 MODELS = ["iresnet", *(f"iresnet-attn:{kind}" for kind in KINDS), "glow", "glow-attn"]
 SIGNIFICANT_Z = 2.0  # a paired difference this many standard errors from zero

@@ -23,8 +23,8 @@ Outputs in ``--out``: ``results.md`` and ``results.csv`` (one row per variant),
 reconstructions per variant, titled with its error) and ``grid_<variant>.png`` (input
 row over reconstruction row, full resolution).
 
-    python experiments/invertibility.py --config experiments/configs/invertibility/cifar10.toml
-    python experiments/invertibility.py --config ... --kinds external,sagan --steps 50
+    python -m experiments.invertibility --config experiments/configs/invertibility/cifar10.toml
+    python -m experiments.invertibility --config ... --kinds '[external, sagan]' --steps 50
 """
 
 from __future__ import annotations
@@ -38,14 +38,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from common import (
-    DataConfig,
-    describe_size,
-    ensure_dir,
-    parse_config,
-    set_threads,
-    user_errors,
-)
 from nflows.transforms import SqueezeTransform
 from torch import Tensor, nn
 
@@ -56,6 +48,15 @@ from flowattn.nn import baselines as ordinary
 from flowattn.nn.lipschitz_attention import SIMILARITIES
 from flowattn.plots import save_grid
 from flowattn.transforms import ResidualTransform, invertible_attention
+
+from .common import (
+    DataConfig,
+    describe_size,
+    ensure_dir,
+    parse_config,
+    set_threads,
+    user_errors,
+)
 
 ORDINARY = {
     "sagan": ordinary.SelfAttention2d,

@@ -1,17 +1,10 @@
-"""The ``flowattn`` command: train, evaluate, sample, reconstruct, certify, attention, demo,
+"""The ``flowattn`` command: train, evaluate, sample, reconstruct, certify, attention,
 segment.
 
 ``flowattn train`` with no arguments trains a small certified ``iresnet-attn`` on the
 embedded digits dataset for a few minutes on CPU, then prints the test bits-per-dim and
 writes sample and reconstruction grids. Every subcommand's ``--help`` lists its options;
 every field of a training config is a ``train`` flag.
-
-``flowattn demo`` pushes real images through one invertible attention step of each
-kind, inverts them by fixed-point iteration and prints the reconstruction error in
-pixel levels, with each step's certified Lipschitz bound (or its measured Jacobian
-norm when it has none). It writes an input/reconstruction grid. By default it uses
-scikit-learn's 8x8 handwritten digits, which ship inside the package (no download);
-``--npz`` reads uint8 images from an ``.npz`` file instead (e.g. the CIFAR-10 subset).
 """
 
 from __future__ import annotations
@@ -25,83 +18,18 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
-from nflows.transforms import SqueezeTransform
 
 from . import configs
 from .data import IMAGE_SUFFIXES
 from .errors import ConfigError, UserError, first_line
 from .evaluation import EXACT_MAX_DIMS
-from .nn.attention_kinds import VARIANTS, parse_variant
-from .transforms import ConvergenceWarning, invertible_attention
-
-
-def demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    from .data import load_dataset, stack_images
-
-    if args.npz:
-        images = stack_images(load_dataset(args.npz, "test", key=args.key), args.n)
-    else:
-        images = stack_images(load_dataset("digits", "train"), args.n)
-    x = images.double() / 255.0
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        raise SystemExit(f"flowattn: image sides must be even to squeeze, got {tuple(x.shape)}")
-    squeeze = SqueezeTransform(2)
-    z, _ = squeeze(x)
-    source = args.npz or "scikit-learn digits (8x8, shipped with the package)"
-    print(f"{len(x)} images from {source}; attention on squeezed tensors {tuple(z.shape[1:])}")
-    print(
-        f"{'kind':<26} {'Lip bound':>10} {'local |J|_2':>11} {'iters':>6} "
-        f"{'max err (levels)':>17} {'exact pixels':>13}"
-    )
-    rows = [x]
-    for variant in VARIANTS:
-        kind, certified = parse_variant(variant)
-        step = invertible_attention(
-            kind.name,
-            z.shape[1],
-            certified=certified,
-            max_iter=args.max_iter,
-            input_shape=tuple(z.shape[1:]),
-        ).double()
-        with torch.no_grad():
-            y, _ = step(z)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            z_back, _ = step.inverse(y)
-        x_back, _ = squeeze.inverse(z_back)
-        levels = (x_back.clamp(0, 1) * 255).round().to(torch.uint8)
-        error = (levels.int() - images.int()).abs()
-        bound = step.lipschitz_bound()
-        bound_text = f"{bound:.3f}" if bound is not None else "none"
-        local = float(step.branch.estimate_lipschitz(z).max())
-        flag = "  (did not converge)" if caught else ""
-        print(
-            f"{variant:<26} {bound_text:>10} {local:>11.3f} {step.last_inverse.iterations:>6} "
-            f"{int(error.max()):>17} {float((error == 0).double().mean()):>12.1%}{flag}"
-        )
-        rows.append(levels.double() / 255)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_grid(rows, out)
-    print(
-        f"wrote {out}: first row inputs, then one row of reconstructions per kind {list(VARIANTS)}"
-    )
-    return 0
+from .transforms import ConvergenceWarning
 
 
 def segment(args: argparse.Namespace) -> int:
     from .segmentation.command import run
 
     return run(args)
-
-
-def _save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    from .plots import save_grid
-
-    n = min(len(r) for r in rows)
-    grid = torch.cat([r[:n] for r in rows]).float()
-    save_grid(grid, path, nrow=n)
 
 
 class UsageError(ConfigError):
@@ -479,15 +407,6 @@ def _build() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--queries", type=int, default=4, help="query pixels (or slots) shown")
     p.add_argument("-o", "--output", type=_output_image, default=Path("attention.png"))
 
-    p = _subcommand("Invert real images through each attention kind.")
-    subcommands["demo"] = (p, "invert real images through each attention kind")
-    p.add_argument("--n", type=int, default=16, help="number of images (default 16)")
-    p.add_argument("--npz", help="read uint8 images from this .npz file instead of digits")
-    p.add_argument("--key", default="x_test", help="array name in the .npz (default x_test)")
-    p.add_argument("--max-iter", type=int, default=500, help="fixed-point iteration cap")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="outputs/demo_reconstructions.png")
-
     from .segmentation import command as segment_command
 
     subcommands["segment"] = (
@@ -514,7 +433,6 @@ COMMANDS = {
     "reconstruct": cmd_reconstruct,
     "certify": cmd_certify,
     "attention": cmd_attention,
-    "demo": demo,
     "segment": segment,
 }
 
@@ -531,12 +449,12 @@ def _suggestion(flag: str, parser: ArgumentParser) -> str:
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-    """Parses a command line (0.1 spellings included); ``train --resume`` without a
+    """Parses a command line (dashed flags included); ``train --resume`` without a
     config reads the run's own ``config.toml`` first, so flags given override it."""
     from .runs import RunConfig
 
     if argv and argv[0] == "train":
-        argv = configs.modern_argv(argv, RunConfig)
+        argv = configs.dashed_flags(argv, RunConfig)
     parser, subcommands = _build()
     try:
         args = parser.parse_args(argv)

@@ -9,8 +9,9 @@ docstring, type and default as help. :func:`parse_values` checks a dict of value
 wherever it comes from. Type errors are :class:`~flowattn.errors.ConfigError`\\ s that
 name the key.
 
-The 0.1 spellings still parse (:func:`modern_argv`): dashed flags (``--batch-size``),
-``--model KEY=VALUE`` and comma-separated lists (``--models a,b``).
+Flags may be spelled with dashes, as the ``flowattn`` command's other flags are
+(:func:`dashed_flags`: ``--batch-size`` is ``--batch_size``). A list is a flow-style list
+(``--models '[a, b]'``), a key of a dict field its own flag (``--model.hidden 16``).
 
 jsonargparse is used rather than tyro because it is built on argparse: its errors are
 exceptions that the ``flowattn`` command prints as one line (tyro prints boxed
@@ -20,13 +21,11 @@ from a command line (``parse_object``).
 
 from __future__ import annotations
 
-__all__ = ["config_parser", "load_toml", "modern_argv", "one_line", "parse_values", "to_toml"]
+__all__ = ["config_parser", "load_toml", "dashed_flags", "one_line", "parse_values", "to_toml"]
 
 import dataclasses
-import json
 import re
 import tomllib
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -146,34 +145,24 @@ def one_line(error: BaseException, valid: Sequence[str] = ()) -> str:
         lambda m: f"must be one of {m[1].replace(chr(39), '')}, got {m[2]!r}",
         text,
     )
-    return re.sub(r"Expected a <class '(\w+)'>\. Got value: (.*)", r"must be a \1, got '\2'", text)
+    text = re.sub(r"Expected a <class '(\w+)'>\. Got value: (.*)", r"must be a \1, got '\2'", text)
+    if "must be a list, got" in text:
+        text += " (a list is written [a, b])"
+    return text
 
 
-def modern_argv(argv: list[str], cls: type) -> list[str]:
-    """``argv`` with the 0.1 spellings of ``cls``'s flags rewritten: ``--batch-size`` to
-    ``--batch_size``, ``--model KEY=VALUE`` to ``--model.KEY VALUE``, and a comma-separated
-    value of a list field to a list."""
-    hints = typing.get_type_hints(cls)
+def dashed_flags(argv: list[str], cls: type) -> list[str]:
+    """``argv`` with the flags of ``cls``'s fields spelled as the rest of the ``flowattn``
+    command spells its flags, with dashes (``--batch-size``), rewritten to the field names
+    the parser knows (``--batch_size``); other arguments are left as they are."""
+    names = {f.name for f in dataclasses.fields(cls)}
     out: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if not arg.startswith("--") or arg == "--":
-            out.append(arg)
-            continue
-        flag, equals, inline = arg.partition("=")
+    for arg in argv:
+        flag, equals, value = arg.partition("=")
         name = flag[2:].replace("-", "_")
-        if name not in hints:
-            out.append(arg)
-            continue
-        value = inline if equals else next(args, None)
-        origin = typing.get_origin(hints[name])
-        if origin is dict and value is not None and "=" in value and not value.startswith("{"):
-            key, _, item = value.partition("=")
-            out += [f"--{name}.{key.strip()}", item.strip()]
-        elif origin is list and value is not None and not value.startswith("["):
-            out += [f"--{name}", json.dumps([v.strip() for v in value.split(",")])]
-        else:
-            out += [f"--{name}"] + ([] if value is None else [value])
+        if arg.startswith("--") and name in names:
+            arg = f"--{name}{equals}{value}"
+        out.append(arg)
     return out
 
 

@@ -122,3 +122,13 @@ def test_no_two_modules_share_a_name():
     """A reader who sees ``metrics`` or ``attention`` knows which module is meant."""
     names = [path.stem for path in ROOT.rglob("*.py") if path.stem != "__init__"]
     assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+def test_the_package_never_imports_the_experiments():
+    """``experiments`` sits above the package (it is not installed with it)."""
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            assert not [n for n in names if n.split(".")[0] == "experiments"], module

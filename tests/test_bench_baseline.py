@@ -6,12 +6,10 @@ from pathlib import Path
 
 import pytest
 
+import flowattn
+from experiments.bench.baseline import import_baseline
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments" / "bench"))
-
-from baseline import import_baseline  # noqa: E402
-
-import flowattn  # noqa: E402
 
 
 def test_an_older_checkout_imports_as_its_own_package(tmp_path):

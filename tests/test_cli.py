@@ -7,7 +7,7 @@ import pytest
 from flowattn.cli import main
 
 SMALL = ["--steps", "6", "--batch-size", "16", "--samples", "4", "--no-progress"]
-SMALL += ["--model", "blocks=1", "--model", "hidden=8"]
+SMALL += ["--model.blocks", "1", "--model.hidden", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_a_run_trained_on_a_device_resumes_samples_and_reconstructs_on_the_cpu(
         (["train", "--preset", "nope"], "'preset': must be one of iresnet, iresnet-attn"),
         (["train", "--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["train", "--batch-sise", "3"], "did you mean --batch-size?"),
-        (["train", "--model", "hiden=3"], "did you mean 'hidden'?"),
+        (["train", "--model.hiden", "3"], "did you mean 'hidden'?"),
         (["eval", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
     ],
 )
@@ -138,7 +138,7 @@ def test_help_lists_every_subcommand_and_flag():
     out = subprocess.run(
         [sys.executable, "-m", "flowattn", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("train", "eval", "sample", "reconstruct", "certify", "attention", "demo"):
+    for command in ("train", "eval", "sample", "reconstruct", "certify", "attention", "segment"):
         assert command in out
     train_help = subprocess.run(
         [sys.executable, "-m", "flowattn", "train", "--help"],
@@ -152,15 +152,15 @@ def test_help_lists_every_subcommand_and_flag():
         assert f"--{name}" in train_help
 
 
-def test_flags_of_0_1_still_parse(tmp_path):
-    """Dashed flags, --model KEY=VALUE and comma-separated lists are rewritten."""
-    from flowattn.configs import modern_argv
+def test_flags_are_spelled_with_dashes_as_the_other_subcommands_spell_theirs():
+    from flowattn.configs import dashed_flags
     from flowattn.runs import RunConfig
 
-    argv = ["train", "--batch-size", "8", "--model", "hidden=16", "--run-dir=x", "--resume"]
-    assert modern_argv(argv, RunConfig) == [
-        "train", "--batch_size", "8", "--model.hidden", "16", "--run_dir", "x", "--resume"
+    argv = ["train", "--batch-size", "8", "--model.hidden", "16", "--run-dir=x", "--resume"]
+    assert dashed_flags(argv, RunConfig) == [
+        "train", "--batch_size", "8", "--model.hidden", "16", "--run_dir=x", "--resume"
     ]  # fmt: skip
+    assert dashed_flags(["--not-a-field", "a-b"], RunConfig) == ["--not-a-field", "a-b"]
 
 
 def _run_files(run_dir):
@@ -205,9 +205,9 @@ def _bad_invocations(run, tmp):
     (tmp / "fake.npz").write_text("not an archive")
     (tmp / "afile").write_text("a file, not a folder")
     return [
-        (["train", "--run-dir", str(run), "--resume", *SMALL[6:], "--model", "hidden=16"],
+        (["train", "--run-dir", str(run), "--resume", *SMALL[6:], "--model.hidden", "16"],
          "holds a different model"),
-        (["train", "--run-dir", str(run), "--resume", "--model", "preset=glow"], "preset"),
+        (["train", "--run-dir", str(run), "--resume", "--model.preset", "glow"], "preset"),
         (["train", "--run-dir", str(run), "--resume", "--preset", "glow"],
          "holds a different model"),
         (["reconstruct", str(run), "--images", str(tmp / "notes.txt")], "not an image file"),

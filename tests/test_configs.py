@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 import pytest
 
-from flowattn.configs import config_parser, load_toml, modern_argv, parse_values, to_toml
+from flowattn.configs import config_parser, dashed_flags, load_toml, parse_values, to_toml
 from flowattn.errors import ConfigError
 
 
@@ -32,7 +32,7 @@ class Settings:
 
 def _parse(argv):
     parser = config_parser(Settings)
-    args = parser.parse_args(modern_argv(argv, Settings))
+    args = parser.parse_args(dashed_flags(argv, Settings))
     return parse_values(Settings, {f.name: args[f.name] for f in dataclasses.fields(Settings)})
 
 
@@ -42,8 +42,8 @@ def test_flags_files_and_overrides(tmp_path):
     assert _parse(["--config", str(path), "--steps", "9", "--table.depth", "2"]) == Settings(
         kind="b", steps=9, names=["p", "q:r"], table={"hidden": 4, "depth": 2}
     )
-    # the 0.1 spellings
-    assert _parse(["--names", "u,v:w", "--table", "hidden=8", "--rate=2"]) == Settings(
+    # dashed flags, flow-style lists, dict keys as flags, flag=value
+    assert _parse(["--names", "[u, 'v:w']", "--table.hidden", "8", "--rate=2"]) == Settings(
         names=["u", "v:w"], table={"hidden": 8}, rate=2.0
     )
 

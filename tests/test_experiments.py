@@ -2,23 +2,16 @@
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from experiments import attention_ablation, common, demo, dense, density, invertibility
+from flowattn.nn import baselines as ordinary
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-
-import attention_ablation  # noqa: E402
-import common  # noqa: E402
-import dense  # noqa: E402
-import density  # noqa: E402
-import invertibility  # noqa: E402
-
-from flowattn.nn import baselines as ordinary  # noqa: E402
 
 CONFIGS = sorted((ROOT / "experiments/configs").glob("*/*.toml"))
 
@@ -69,14 +62,14 @@ def test_unknown_variant_names_the_valid_ones():
 
 
 def test_invertibility_experiment_end_to_end(tmp_path):
-    kinds = "external,l2,gaussian,faithful:dot,sagan,cbam"
+    kinds = ["external", "l2", "gaussian", "faithful:dot", "sagan", "cbam"]
     invertibility.main(
-        ["--dataset", "digits", "--kinds", kinds, "--steps", "20", "--test-images", "16",
+        ["--dataset", "digits", "--kinds", str(kinds), "--steps", "20", "--test-images", "16",
          "--show", "4", "--threads", str(torch.get_num_threads()), "--out", str(tmp_path),
          "--no-progress"]
     )  # fmt: skip
     rows = {r["variant"]: r for r in _rows(tmp_path / "results.csv")}
-    assert list(rows) == kinds.split(",")
+    assert list(rows) == kinds
     for kind in ("external", "l2", "gaussian"):  # certified: the inverse is exact to float32
         assert rows[kind]["converged"] == "True"
         assert float(rows[kind]["max_abs_levels"]) < 1e-2
@@ -88,7 +81,7 @@ def test_invertibility_experiment_end_to_end(tmp_path):
     assert rows["gaussian"]["group"] == "paper (certified)"
     table = (tmp_path / "results.md").read_text()
     assert "1500 training images, 16 held-out images" in table
-    assert all(f"| {kind} |" in table for kind in kinds.split(","))
+    assert all(f"| {kind} |" in table for kind in kinds)
     with Image.open(tmp_path / "reconstructions.png") as figure:
         assert figure.size[0] > 100 and figure.size[1] > 100
     grid = tmp_path / "grid_external.png"
@@ -98,7 +91,7 @@ def test_invertibility_experiment_end_to_end(tmp_path):
 
 def test_density_experiment_end_to_end(tmp_path):
     density.main(
-        ["--dataset", "digits", "--models", "iresnet,iresnet@series,glow", "--budget", "0.03",
+        ["--dataset", "digits", "--models", "[iresnet, iresnet@series, glow]", "--budget", "0.03",
          "--eval-every", "0.6", "--eval-images", "32", "--test-images", "64", "--sample-n", "4",
          "--threads", str(torch.get_num_threads()), "--device", "cpu", "--out", str(tmp_path)]
     )  # fmt: skip
@@ -165,7 +158,7 @@ def test_unknown_config_key_suggests_the_closest(tmp_path):
 
 def test_missing_dataset_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="SVHN not found"):
-        density.main(["--dataset", "svhn", "--root", str(tmp_path), "--models", "glow"])
+        density.main(["--dataset", "svhn", "--root", str(tmp_path), "--models", "[glow]"])
 
 
 def test_density_resume_keeps_finished_models(tmp_path, capsys):
@@ -173,15 +166,15 @@ def test_density_resume_keeps_finished_models(tmp_path, capsys):
                     "--eval-images", "16", "--test-images", "32", "--sample-n", "2",
                     "--threads", str(torch.get_num_threads()), "--device", "cpu",
                     "--out", str(tmp_path)]  # fmt: skip
-    density.main(["--models", "glow", *common_flags])
+    density.main(["--models", "[glow]", *common_flags])
     first = _rows(tmp_path / "results.csv")
-    density.main(["--models", "glow,glow-attn", "--resume", "true", *common_flags])
+    density.main(["--models", "[glow, glow-attn]", "--resume", "true", *common_flags])
     assert "resuming: glow already done" in capsys.readouterr().out
     rows = _rows(tmp_path / "results.csv")
     assert [r["model"] for r in rows] == ["glow", "glow-attn"]
     assert rows[0] == first[0]  # kept, not retrained
     with pytest.raises(SystemExit, match="another setting"):
-        density.main(["--models", "glow", "--resume", "true", "--lr", "0.5", *common_flags])
+        density.main(["--models", "[glow]", "--resume", "true", "--lr", "0.5", *common_flags])
 
 
 def test_density_reports_non_finite_models_as_such():
@@ -205,7 +198,7 @@ def test_svhn_and_celeba_configs_run_on_files_in_torchvision_layouts(tmp_path):
         out = tmp_path / f"out-{name}"
         invertibility.main(
             ["--config", str(ROOT / f"experiments/configs/invertibility/{name}.toml"),
-             "--root", str(tmp_path / name), "--kinds", "external", "--steps", "2",
+             "--root", str(tmp_path / name), "--kinds", "[external]", "--steps", "2",
              "--batch-size", "2", "--test-images", "2", "--show", "2", "--no-progress",
              "--threads", str(torch.get_num_threads()), "--out", str(out)]
         )  # fmt: skip
@@ -308,3 +301,24 @@ def test_ablation_specs_place_the_step_at_another_scale():
     assert control.extra_step == "actnorm" and control.attention_scale == 0
     with pytest.raises(ValueError, match="a number"):
         attention_ablation.model_config("iresnet-attn:l2@x", config, shape)
+
+
+def test_demo_inverts_the_digits_through_every_variant(tmp_path, capsys):
+    from flowattn.nn.attention_kinds import VARIANTS
+
+    rows = demo.run(demo.Config(n=4, out=str(tmp_path)))
+    assert [row["variant"] for row in rows] == list(VARIANTS)
+    for row in rows:  # the certified steps invert to the pixel (the faithful need not)
+        if not row["variant"].startswith("faithful:"):
+            assert row["converged"] and row["max_error"] == 0 and row["exact"] == 1.0
+            assert 0 <= row["local"] <= row["bound"] < 1
+        else:
+            assert row["bound"] is None and 0 <= row["exact"] <= 1
+    with Image.open(tmp_path / "reconstructions.png") as grid:
+        assert grid.size[0] > 0 and grid.size[1] > grid.size[0] / 4 * (len(VARIANTS) + 1) / 2
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_demo_rejects_bad_settings():
+    with pytest.raises(SystemExit, match="n and max_iter must be at least 1"):
+        demo.main(["--n", "0"])

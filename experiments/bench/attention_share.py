@@ -16,9 +16,9 @@ library's default Neumann-series gradient), so that every step does the same wor
 roulette's random number of terms makes single steps vary more than the kinds differ.
 
 Usage:
-    python experiments/bench/attention_share.py
-    python experiments/bench/attention_share.py --kinds external dot --scales 0 1 --reps 20
-    python experiments/bench/attention_share.py --device cuda
+    python -m experiments.bench.attention_share
+    python -m experiments.bench.attention_share --kinds external dot --scales 0 1 --reps 20
+    python -m experiments.bench.attention_share --device cuda
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import argparse
 import statistics
 
 import torch
-from measure import interleaved_times, median_ratio_ci, synchronizer
 
 from flowattn.models import build_model
 from flowattn.nn.attention_kinds import KINDS
 from flowattn.training import Trainer
+
+from .measure import interleaved_times, median_ratio_ci, synchronizer
 
 TARGET = 0.30
 

@@ -26,8 +26,8 @@ the step; on CUDA
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step.
 
 Usage:
-    python experiments/bench/attention_step.py --reference /path/to/InvertibleAttention
-    python experiments/bench/attention_step.py --kinds external l2 --steps 5 --no-memory
+    python -m experiments.bench.attention_step --reference /path/to/InvertibleAttention
+    python -m experiments.bench.attention_step --kinds external l2 --steps 5 --no-memory
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from measure import (
+
+from flowattn import invertible_attention
+from flowattn.nn.attention_kinds import KINDS, PAPER_KINDS
+
+from .measure import (
     KernelWork,
     interleaved_times,
     median_ratio_ci,
@@ -51,9 +55,6 @@ from measure import (
     return_freed_memory_to_the_os,
     synchronizer,
 )
-
-from flowattn import invertible_attention
-from flowattn.nn.attention_kinds import KINDS, PAPER_KINDS
 
 GRADIENTS = ("neumann", "backprop")
 # the backward passes whose peak memory is measured (certified steps)

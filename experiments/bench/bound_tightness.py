@@ -16,9 +16,9 @@ Shares are scale-free (the output map's factor s cancels), so they measure the b
 slack, not the weights' size.
 
 Usage:
-    python experiments/bench/bound_tightness.py
-    python experiments/bench/bound_tightness.py --steps 600 --kinds external dot
-    python experiments/bench/bound_tightness.py --dataset cifar10 --downsample 4
+    python -m experiments.bench.bound_tightness
+    python -m experiments.bench.bound_tightness --steps 600 --kinds external dot
+    python -m experiments.bench.bound_tightness --dataset cifar10 --downsample 4
 """
 
 from __future__ import annotations

@@ -23,10 +23,10 @@ With ``--device cuda`` the models run on the GPU and every call is timed to a
 synchronisation.
 
 Usage:
-    python experiments/bench/sampling.py
-    python experiments/bench/sampling.py --presets iresnet glow --n 256 --threads 2
-    python experiments/bench/sampling.py --baseline /tmp/filed --presets iresnet resflow
-    python experiments/bench/sampling.py --device cuda --n 256
+    python -m experiments.bench.sampling
+    python -m experiments.bench.sampling --presets iresnet glow --n 256 --threads 2
+    python -m experiments.bench.sampling --baseline /tmp/filed --presets iresnet resflow
+    python -m experiments.bench.sampling --device cuda --n 256
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from importlib import import_module
 from pathlib import Path
 
 import torch
-from baseline import import_baseline
-from measure import interleaved_times, median_ratio_ci, seconds_of, synchronizer
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
 from flowattn.training import Trainer
+
+from .baseline import import_baseline
+from .measure import interleaved_times, median_ratio_ci, seconds_of, synchronizer
 
 PRESETS = ("iresnet", "iresnet-attn", "resflow", "glow", "glow-attn")
 # ../shared beside the repository

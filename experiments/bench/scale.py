@@ -21,9 +21,9 @@ synchronisation, and peak memory is the rise of the memory that tensors hold on 
 device, in this process.
 
 Usage:
-    python experiments/bench/scale.py
-    python experiments/bench/scale.py --sizes 16 32 64 --kinds external dot --threads 1
-    python experiments/bench/scale.py --device cuda --sizes 16 32 64 128
+    python -m experiments.bench.scale
+    python -m experiments.bench.scale --sizes 16 32 64 --kinds external dot --threads 1
+    python -m experiments.bench.scale --device cuda --sizes 16 32 64 128
 """
 
 from __future__ import annotations
@@ -35,17 +35,18 @@ import subprocess
 import sys
 
 import torch
-from measure import (
+
+from flowattn.models import build_model
+from flowattn.nn.attention_kinds import KINDS
+from flowattn.training import Trainer
+
+from .measure import (
     peak_cuda_rise_mib,
     peak_rss_rise_mib,
     return_freed_memory_to_the_os,
     seconds_of,
     synchronizer,
 )
-
-from flowattn.models import build_model
-from flowattn.nn.attention_kinds import KINDS
-from flowattn.training import Trainer
 
 
 def build(kind: str, size: int, hidden: int, estimator: str):

@@ -30,10 +30,10 @@ tensors hold on the device (exact, so one round in this process). Without
 ``--reference`` only flowattn's figures print.
 
 Usage:
-    python experiments/bench/train_step.py --reference /path/to/residual-flows
-    python experiments/bench/train_step.py --settings a --reps 15 --threads 1
-    python experiments/bench/train_step.py --reference PATH --settings b --memory-pairs 8
-    python experiments/bench/train_step.py --reference PATH --device cuda --reps 30
+    python -m experiments.bench.train_step --reference /path/to/residual-flows
+    python -m experiments.bench.train_step --settings a --reps 15 --threads 1
+    python -m experiments.bench.train_step --reference PATH --settings b --memory-pairs 8
+    python -m experiments.bench.train_step --reference PATH --device cuda --reps 30
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ import sys
 from pathlib import Path
 
 import torch
-from measure import (
+
+from flowattn.models import build_model
+
+from .measure import (
     interleaved_times,
     median_ratio_ci,
     peak_cuda_rise_mib,
@@ -54,8 +57,6 @@ from measure import (
     return_freed_memory_to_the_os,
     synchronizer,
 )
-
-from flowattn.models import build_model
 
 SETTINGS = {
     "a": "5-term series, ELU, backprop through the series (i-ResNet)",
