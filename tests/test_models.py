@@ -197,7 +197,7 @@ def test_config_errors_suggest_and_explain(tmp_path):
         build_model("glow", image_shape=(1, 8, 8), scales=4)
     with pytest.raises(ValueError, match="ordinary attention"):
         build_model("glow-attn", attention="l2")
-    with pytest.raises(ValueError, match="invertible attention kind"):
+    with pytest.raises(ValueError, match="unknown attention kind .sagan.; valid: gaussian"):
         build_model("iresnet-attn", attention="sagan")
     with pytest.raises(ValueError, match="size"):
         build_model("glow", size="huge")
