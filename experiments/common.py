@@ -24,6 +24,7 @@ from torch import Tensor
 from flowattn.configs import config_parser, dashed_flags, one_line, parse_values, read_file
 from flowattn.data import load_dataset, stack_images
 from flowattn.errors import ConfigError
+from flowattn.precision import use_ieee_float32
 
 T = TypeVar("T")
 
@@ -37,6 +38,7 @@ def parse_config(
     (name: help). Errors exit with one line. Silences :func:`quiet_known_warnings`."""
     import sys
 
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = config_parser(cls, description=description)
     for name, help_text in extra.items():
         parser.add_argument(f"--{name}", action="store_true", help=help_text)

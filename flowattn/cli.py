@@ -23,6 +23,7 @@ from . import configs
 from .data import IMAGE_SUFFIXES
 from .errors import ConfigError, UserError, first_line
 from .evaluation import EXACT_MAX_DIMS
+from .precision import use_ieee_float32
 from .transforms import ConvergenceWarning
 
 
@@ -483,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (UserError, FileNotFoundError)
     try:
         args = _parse(argv)
+        use_ieee_float32()  # the command's process: residual steps need IEEE float32 on CUDA
         return COMMANDS[args.command](args[args.command])
     except SystemExit as stop:  # --help, --print_config
         return stop.code if isinstance(stop.code, int) else 0

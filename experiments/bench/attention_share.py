@@ -30,6 +30,7 @@ import torch
 
 from flowattn.models import build_model
 from flowattn.nn.attention_kinds import KINDS
+from flowattn.precision import use_ieee_float32
 from flowattn.training import Trainer
 
 from .measure import interleaved_times, median_ratio_ci, synchronizer
@@ -52,6 +53,7 @@ def trainer_for(attention: str | None, scale: int, args) -> Trainer:
 
 
 def main() -> None:
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--scales", type=int, nargs="+", default=[0, 1])

@@ -45,6 +45,7 @@ import torch
 
 from flowattn import invertible_attention
 from flowattn.nn.attention_kinds import KINDS, PAPER_KINDS
+from flowattn.precision import use_ieee_float32
 
 from .measure import (
     KernelWork,
@@ -178,6 +179,7 @@ def memory_child(args) -> None:
 
 
 def main() -> None:
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--batch", type=int, default=16)

@@ -31,6 +31,7 @@ from flowattn.capacity import budget_use, worst_case_norm
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
 from flowattn.nn.attention_kinds import KINDS
+from flowattn.precision import use_ieee_float32
 from flowattn.training import Trainer
 
 
@@ -57,6 +58,7 @@ def measure(model, x_test: torch.Tensor, args) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--dataset", default="digits")

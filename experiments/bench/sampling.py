@@ -40,6 +40,7 @@ import torch
 
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
+from flowattn.precision import use_ieee_float32
 from flowattn.training import Trainer
 
 from .baseline import import_baseline
@@ -61,6 +62,7 @@ def timed(call, reps: int, sync=None) -> tuple[float, object]:
 
 
 def main() -> None:
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--dataset", default=SHARED)

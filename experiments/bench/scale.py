@@ -38,6 +38,7 @@ import torch
 
 from flowattn.models import build_model
 from flowattn.nn.attention_kinds import KINDS
+from flowattn.precision import use_ieee_float32
 from flowattn.training import Trainer
 
 from .measure import (
@@ -84,6 +85,7 @@ def memory_of(kind: str, size: int, args) -> float:
 
 
 def main() -> None:
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)

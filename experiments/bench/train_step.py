@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from flowattn.models import build_model
+from flowattn.precision import use_ieee_float32
 
 from .measure import (
     interleaved_times,
@@ -219,6 +220,7 @@ def memory_child(args) -> None:
 
 
 def main() -> None:
+    use_ieee_float32()  # as the flowattn command does (flowattn.precision says why)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", help="a checkout of github rtqichen/residual-flows")
     parser.add_argument("--settings", default="ab", help="which settings: a, b or ab")

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConvergenceError
 from ..logdet import LogDetEstimator, PowerSeriesLogDet
-from ..precision import ieee_float32
+from ..precision import warn_if_tf32
 from ..solvers import SOLVERS, FixedPointResult, solve_fixed_point
 
 
@@ -55,9 +55,9 @@ class ResidualTransform(Transform):
     (:class:`ConvergenceWarning`, with the residual reached) or, with ``strict=True``,
     raises :class:`ConvergenceError` when it does not converge. The last forward's
     log-dets (B,) are kept in :attr:`last_logabsdet` (detached). Its log-det is minus
-    the estimator's log-det at the solution. The inverse is not differentiable. On CUDA
-    both directions run in IEEE float32, TF32 off (:func:`flowattn.precision.ieee_float32`
-    says why).
+    the estimator's log-det at the solution. The inverse is not differentiable. On CUDA in
+    float32 with TF32 allowed, both directions warn (:class:`~flowattn.precision.TF32Warning`;
+    :mod:`flowattn.precision` says why and how to turn TF32 off).
 
     Arguments:
         branch: The residual branch g, a module from (B, ...) to (B, ...); ideally with
@@ -151,16 +151,16 @@ class ResidualTransform(Transform):
         return torch.full((like.shape[0],), math.nan, dtype=like.dtype, device=like.device)
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        with ieee_float32():
-            if self.skip_log_dets:
-                return inputs + self.branch(inputs), self._nan_log_dets(inputs)
-            gx, logabsdet = self.estimator(self.branch, inputs)
+        warn_if_tf32(inputs.device, inputs.dtype)
+        if self.skip_log_dets:
+            return inputs + self.branch(inputs), self._nan_log_dets(inputs)
+        gx, logabsdet = self.estimator(self.branch, inputs)
         self.last_logabsdet = logabsdet.detach()
         return inputs + gx, logabsdet
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        with ieee_float32():
-            return self._inverse(inputs)
+        warn_if_tf32(inputs.device, inputs.dtype)
+        return self._inverse(inputs)
 
     def _inverse(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         # one certificate for every fixed-point iteration and the log-det at the solution
