@@ -21,7 +21,15 @@ from a command line (``parse_object``).
 
 from __future__ import annotations
 
-__all__ = ["config_parser", "load_toml", "dashed_flags", "one_line", "parse_values", "to_toml"]
+__all__ = [
+    "checked_types",
+    "config_parser",
+    "load_toml",
+    "dashed_flags",
+    "one_line",
+    "parse_values",
+    "to_toml",
+]
 
 import dataclasses
 import re
@@ -128,6 +136,24 @@ def parse_values(cls: type, values: dict[str, Any], parser: ArgumentParser | Non
     return cls(**{name: namespace[name] for name in fields})
 
 
+def checked_types(config: Any) -> Any:
+    """The dataclass instance ``config`` with every value type-checked as the command line
+    reads it (:func:`parse_values`): the one type check of every config, whether it comes
+    from flags, a file or Python. A value must already have its field's type, except that
+    an int is widened where a float is asked for and a list is read as a tuple; otherwise
+    a ConfigError names the key (``"5"`` is not an int here, as it is on a command line).
+    """
+    typed = parse_values(type(config), dataclasses.asdict(config))
+    for f in dataclasses.fields(config):
+        mine, read = getattr(config, f.name), getattr(typed, f.name)
+        widened = isinstance(mine, int) and not isinstance(mine, bool) and isinstance(read, float)
+        as_tuple = isinstance(mine, list) and isinstance(read, tuple)
+        if type(mine) is not type(read) and not widened and not as_tuple:
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", f.type)
+            raise ConfigError(f"config key {f.name!r} must be of type {kind}, got {mine!r}")
+    return typed
+
+
 def one_line(error: BaseException, valid: Sequence[str] = ()) -> str:
     """A parser error as one plain line (jsonargparse spreads type errors over several
     and names types as Python does); an unknown key of a config file gets the closest of
@@ -145,6 +171,10 @@ def one_line(error: BaseException, valid: Sequence[str] = ()) -> str:
         lambda m: f"must be one of {m[1].replace(chr(39), '')}, got {m[2]!r}",
         text,
     )
+    union = re.search(r"Union subtypes Subtypes: \[(.*?)\].*Given value: (.*)", text)
+    if union:
+        types = " or ".join(re.findall(r"<class '(\w+)'>", union[1])).replace("NoneType", "none")
+        text = f"{text.partition(':')[0]}: must be {types}, got {union[2]}"
     text = re.sub(r"Expected a <class '(\w+)'>\. Got value: (.*)", r"must be a \1, got '\2'", text)
     if "must be a list, got" in text:
         text += " (a list is written [a, b])"

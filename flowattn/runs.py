@@ -119,17 +119,8 @@ class RunConfig:
 
     def check(self) -> None:
         """Checks the type and range of every key; a ConfigError names the key."""
-        self._check_types()
+        configs.checked_types(self)
         self._check_values()
-
-    def _check_types(self) -> None:
-        """Every value has its field's type (as the command line would read it)."""
-        checked = configs.parse_values(type(self), dataclasses.asdict(self))
-        for f in dataclasses.fields(self):
-            mine, typed = getattr(self, f.name), getattr(checked, f.name)
-            widened = isinstance(mine, int) and not isinstance(mine, bool) and "float" in f.type
-            if type(mine) is not type(typed) and not widened:
-                raise ConfigError(f"config key {f.name!r} must be of type {f.type}, got {mine!r}")
 
     def _check_values(self) -> None:
         """Ranges, the device, and the model options (by building the model config)."""

@@ -95,3 +95,15 @@ def test_importing_flowattn_leaves_jsonargparse_toml_mode_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_checked_types_holds_python_values_to_their_fields_types():
+    from flowattn.configs import checked_types
+
+    assert checked_types(Settings(rate=2)).rate == 2.0  # an int is widened to a float
+    with pytest.raises(ConfigError, match="'steps' must be of type int, got '5'"):
+        checked_types(Settings(steps="5"))  # a command line would read "5"; Python may not
+    with pytest.raises(ConfigError, match="'kind': must be one of a, b, got 'c'"):
+        checked_types(Settings(kind="c"))
+    with pytest.raises(ConfigError, match="'where': must be str or none, got 3"):
+        checked_types(Settings(where=3))

@@ -230,7 +230,7 @@ def test_attention_certified_switch_reaches_the_model():
     assert len(bounds) == 1 and bounds[0] <= 0.9 * (1 + 1e-9)
     assert [b for n, b in faithful.lipschitz_bounds().items() if "Attention" in n] == [None]
     assert "power series" in estimator_description(faithful)  # the faithful kind's series
-    with pytest.raises(ValueError, match="attention_certified must be true or false"):
+    with pytest.raises(ValueError, match="'attention_certified' must be of type bool, got 'no'"):
         _model("iresnet-attn", "dot", attention_certified="no")
 
 
@@ -320,9 +320,15 @@ def test_attention_scale_moves_the_step_to_fewer_tokens(preset, extra, device):
     torch.testing.assert_close(model.reconstruct(x), x, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("scale", [-1, 2, 1.0, True])
-def test_attention_scale_errors(scale):
-    with pytest.raises(ConfigError, match=r"attention_scale must be an integer in \[0, 1\]"):
+@pytest.mark.parametrize(
+    "scale, message",
+    [(-1, r"attention_scale must be an integer in \[0, 1\]"),
+     (2, r"attention_scale must be an integer in \[0, 1\]"),
+     (1.0, r"'attention_scale': must be int or none, got 1.0$"),
+     (True, r"'attention_scale': must be int or none, got True$")],
+)  # fmt: skip
+def test_attention_scale_errors(scale, message):
+    with pytest.raises(ConfigError, match=message):
         build_model("iresnet-attn", image_shape=(1, 8, 8), scales=2, attention_scale=scale)
 
 
