@@ -71,3 +71,8 @@ def test_the_1x1_convolution_inverts_without_the_deprecated_solver(monkeypatch):
     torch.testing.assert_close(ours.weight_inverse() @ ours.weight(), torch.eye(6).double())
     back, _ = ours(x)
     torch.testing.assert_close(back, y, rtol=1e-12, atol=1e-12)
+    lower, upper = ours.factors()  # W = L U, L unit lower triangular, U upper
+    torch.testing.assert_close(lower @ upper, ours.weight(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(lower.diagonal(), torch.ones(6, dtype=torch.float64))
+    assert torch.equal(lower.triu(1), torch.zeros_like(lower))
+    assert torch.equal(upper.tril(-1), torch.zeros_like(upper))

@@ -38,8 +38,17 @@ class _OneByOneConvolution(OneByOneConvolution):
     identity of ``weight_inverse`` on the CPU whatever the device. Same parameters,
     buffers and values."""
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """The weight's LU factors (D, D): unit lower triangular L and upper U, W = L U.
+        The layer keeps the entries below and above the diagonal in row-major order."""
+        n, entries = self.features, self.lower_entries
+        below = tuple(torch.tril_indices(n, n, -1, device=entries.device))
+        above = tuple(torch.triu_indices(n, n, 1, device=entries.device))
+        lower = torch.eye(n, dtype=entries.dtype, device=entries.device).index_put(below, entries)
+        return lower, torch.diag(self.upper_diag).index_put(above, self.upper_entries)
+
     def inverse_no_cache(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        lower, upper = self._create_lower_upper()
+        lower, upper = self.factors()
         outputs = (inputs - self.bias).t()  # (D, N)
         outputs = torch.linalg.solve_triangular(lower, outputs, upper=False, unitriangular=True)
         outputs = torch.linalg.solve_triangular(upper, outputs, upper=True)
@@ -47,7 +56,7 @@ class _OneByOneConvolution(OneByOneConvolution):
         return outputs.t(), logabsdet
 
     def weight_inverse(self) -> Tensor:
-        lower, upper = self._create_lower_upper()
+        lower, upper = self.factors()
         identity = torch.eye(self.features, dtype=lower.dtype, device=lower.device)
         lower_inverse = torch.linalg.solve_triangular(
             lower, identity, upper=False, unitriangular=True
