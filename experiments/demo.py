@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from nflows.transforms import SqueezeTransform
 
+from flowattn.data import load_dataset, stack_images
 from flowattn.nn.attention_kinds import VARIANTS, parse_variant
 from flowattn.plots import save_grid
 from flowattn.transforms import ConvergenceWarning, invertible_attention
@@ -54,8 +54,6 @@ class Config:
 
 
 def _images(config: Config) -> torch.Tensor:
-    from flowattn.data import load_dataset, stack_images
-
     split = "train" if config.dataset == "digits" else "test"
     return stack_images(load_dataset(config.dataset, split), config.n)
 
@@ -112,7 +110,7 @@ def run(config: Config) -> list[dict]:
         rows.append(row)
         grid.append(levels.double() / 255)
     path = ensure_dir(config.out) / "reconstructions.png"
-    save_grid(torch.cat(grid).float(), Path(path), nrow=len(x))
+    save_grid(torch.cat(grid).float(), path, nrow=len(x))
     print(f"wrote {path}: first row inputs, then one row of reconstructions per variant")
     return rows
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 __all__ = [
     "checked_types",
     "config_parser",
-    "load_toml",
     "dashed_flags",
+    "load_toml",
     "one_line",
     "parse_values",
     "to_toml",

@@ -232,7 +232,7 @@ def _default_attention_scale(values: dict[str, Any]) -> int:
     4**(scale + 1)), else the last; 0 where the sizes are not valid yet (:func:`_check`
     names the problem)."""
     scales, shape = values["scales"], values["image_shape"]
-    if not isinstance(scales, int) or scales < 1 or len(shape) != 3:
+    if scales < 1 or len(shape) != 3:  # the types are checked already
         return 0
     _, h, w = shape
     for scale in range(scales):
