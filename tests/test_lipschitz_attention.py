@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,20 @@ def test_certificate_holds_when_one_pixel_dominates(kind, n):
     jac = dense_jacobian_of(branch, x)
     assert float(jac.abs().sum(-1).max()) <= branch.lipschitz_bound((4, *SIZES[n]))
     assert attn.shape[:2] == (2, n)
+
+
+@pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default
+@pytest.mark.parametrize("n", sorted(SIZES))
+def test_certificate_holds_where_slope_plus_size_peaks(kind, n):
+    """|tanh(x)| = 1/2, where tanh' + |tanh| reaches the 5/4 the paper kinds' bounds use,
+    at one pixel, the others saturated with random signs or at the same point."""
+    branch = _certified_branch(kind)
+    signs = torch.randint(0, 2, (3, 4, *SIZES[n]), dtype=torch.float64) * 2 - 1
+    x = 50.0 * signs
+    x[0, :, 0, 0] = signs[0, :, 0, 0] * math.atanh(0.5)
+    x[1] = signs[1] * math.atanh(0.5)
+    jac = dense_jacobian_of(branch, x)
+    assert float(jac.abs().sum(-1).max()) <= branch.lipschitz_bound((4, *SIZES[n]))
 
 
 @pytest.mark.parametrize("kind", KINDS)  # the paper kinds certified, the default

@@ -20,17 +20,18 @@ every quantity of the formula is made finite and computed from the weights, in t
 * :math:`g(x)_j = s\, W_L \sum_i R_{ji} v_i + b`, with :math:`s = \min(1, c / L)` for the
   bound L below, so :math:`\mathrm{Lip}_\infty(g) \leq c` for every input and weight.
 
-With :math:`S(W) = \sum_{ab} |W_{ab}|` (the :math:`\infty \to 1` norm) and
+With :math:`S(W) = \sum_{ab} |W_{ab}|` (the :math:`\infty \to 1` norm),
 :math:`m = S(W_\phi^\top W_\theta)`, which bounds
 :math:`|\phi_j^\top \theta_i| = |u_j^\top W_\phi^\top W_\theta u_i|`, and
 :math:`a = \|W_L W_v\|_\infty` (the output and value maps as one map, which the values
-reach only through), the product rule row by
-row gives :math:`L = a (1 + 2C)` (gaussian, C channels), :math:`a (1 + 2m)` (embedded
-gaussian), :math:`3 m\, a` (dot) and :math:`2 \kappa\, a` (concat,
-:math:`\kappa = \|w_\phi\|_1 a_\phi + \|w_\theta\|_1 a_\theta`). A softmax row moves in
-:math:`\ell_1` by at most half the range of its logits' moves (the mean absolute
-deviation is at most half the range), which gives the factor 2 of the exponential kinds.
-``docs/maths.md`` derives them.
+reach only through), the product rule row by row gives :math:`L = a (1 + \tfrac54 C)`
+(gaussian, C channels), :math:`a (1 + \tfrac54 m)` (embedded gaussian), :math:`2 m\, a`
+(dot) and :math:`\tfrac54 \kappa\, a` (concat, :math:`\kappa = \|W_\phi^\top w_\phi\|_1
++ \|W_\theta^\top w_\theta\|_1`). A softmax row moves in :math:`\ell_1` by at most half
+the range of its logits' moves (the mean absolute deviation is at most half the range).
+The factor 5/4 is the largest value of :math:`\tanh'(x) + |\tanh(x)|`: a channel moves a
+similarity through its slope or weighs another pixel's move by its size, and cannot do
+both fully at once. ``docs/maths.md`` derives them.
 
 References:
     | Invertible Attention (Zha et al., 2021)
@@ -55,6 +56,9 @@ from .lipschitz_attention import (
     _mix_and_total,
     _paper_similarities,
 )
+
+_SLOPE_PLUS_SIZE = 1.25
+"""The largest value of :math:`\tanh'(x) + |\tanh(x)| = 1 - t^2 + |t|` (at :math:`|t| = 1/2`)."""
 
 
 def _entry_sum(weight: Tensor) -> Tensor:
@@ -99,17 +103,17 @@ class CertifiedPaperAttention(BoundedOutputBranch):
         self.out = nn.Linear(channels, channels)
 
     def _raw_bound(self) -> Tensor:
-        """The certified bound of the branch without the scale s."""
+        """The certified bound of the branch without the scale s (``docs/maths.md``)."""
         a_v = inf_norm(self.out.weight @ self.value.weight)  # W_L W_v as one map
         if self.kind == "gaussian":
-            return a_v * (1 + 2 * self.channels)
-        a_t, a_p = inf_norm(self.theta.weight), inf_norm(self.phi.weight)
+            return a_v * (1 + _SLOPE_PLUS_SIZE * self.channels)
         if self.kind == "concat":
             w_t, w_p = self.concat.weight[0].split(self.theta.out_features)
-            kappa = w_p.abs().sum() * a_p + w_t.abs().sum() * a_t
-            return 2 * kappa * a_v
+            # the logit w_phi . phi_j + w_theta . theta_i as alpha . u_j + beta . u_i
+            kappa = (w_p @ self.phi.weight).abs().sum() + (w_t @ self.theta.weight).abs().sum()
+            return _SLOPE_PLUS_SIZE * kappa * a_v
         m = _entry_sum(self.phi.weight.T @ self.theta.weight)  # |u_j^T W_phi^T W_theta u_i|
-        return a_v * (1 + 2 * m) if self.kind == "embedded_gaussian" else 3 * m * a_v
+        return a_v * (1 + _SLOPE_PLUS_SIZE * m) if self.kind == "embedded_gaussian" else 2 * m * a_v
 
     def attention_map(self, x: Tensor) -> Tensor:
         energy, softmax = self._energies(torch.tanh(self._check(x)))
