@@ -15,7 +15,11 @@ at both points (the equal-steps and the equal-time budgets). The models:
 * ``iresnet-attn:<kind>``: the attention step of each certified kind.
 
 A spec may end in ``@<scale>`` to place its step at another scale than ``--model``'s
-``attention_scale`` (e.g. ``iresnet-attn:external@0`` beside a run at scale 1).
+``attention_scale`` (e.g. ``iresnet-attn:external@0`` beside a run at scale 1), and an
+attention spec in ``/<init>`` to start its similarity maps another way
+(``iresnet-attn:dot/random``: PyTorch's random init instead of the default selections,
+``flowattn.lipschitz.selection_matrix``). A spec run beside its ``/random`` twin gets a
+table of the paired differences between the two, which isolates the init.
 
 Test bits/dim are exact (dense Jacobians) where the images have at most
 ``flowattn.evaluation.EXACT_MAX_DIMS`` values (digits, CIFAR at 8x8), else the unbiased
@@ -48,6 +52,7 @@ from tqdm.auto import tqdm
 from flowattn.capacity import budget_use
 from flowattn.models import ModelConfig, build_model
 from flowattn.nn.attention_kinds import KINDS
+from flowattn.nn.lipschitz_attention import SIMILARITY_INITS
 from flowattn.runs import resolve_device
 from flowattn.training import Hook, Trainer
 
@@ -98,6 +103,16 @@ def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> Mod
     each optionally followed by ``@<scale>``, the ``attention_scale`` of its extra or
     attention step (over ``--model``'s)."""
     options = {"image_shape": image_shape, **config.model}
+    spec, slash, init = spec.partition("/")
+    if slash:
+        if init not in SIMILARITY_INITS:
+            raise ValueError(
+                f"{spec}/{init}: the init after / is one of {', '.join(SIMILARITY_INITS)}"
+            )
+        options["attention_options"] = {
+            **options.get("attention_options", {}),
+            "similarity_init": init,
+        }
     spec, at, scale = spec.partition("@")
     if at:
         if not scale.isdigit():
@@ -112,6 +127,8 @@ def model_config(spec: str, config: Config, image_shape: tuple[int, ...]) -> Mod
         options["extra_step"] = extra
     if preset == "iresnet-attn" and not kind:
         raise ValueError(f"{spec!r}: name the attention kind, e.g. iresnet-attn:external")
+    if slash and preset != "iresnet-attn":
+        raise ValueError(f"{spec}/{init}: only an attention spec has similarity maps to start")
     return ModelConfig.from_dict(options)
 
 
@@ -197,6 +214,35 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(d.std() / math.sqrt(d.numel()))
 
 
+def _across_seeds(runs: dict, a: str, b: str, budget: str, seeds: list[int]) -> str:
+    """``mean ± SE over seeds (z) [per seed]`` of the paired differences a - b."""
+    per_seed = [
+        paired(runs[f"{a}|{s}"][budget]["values"], runs[f"{b}|{s}"][budget]["values"])
+        for s in seeds
+    ]
+    means = [d for d, _ in per_seed]
+    mean = statistics.mean(means)
+    se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan
+    z = mean / se if se > 0 else math.nan
+    return (
+        f"{mean:+.4f} ± {se:.4f} ({z:+.1f}) [{', '.join(f'{d:+.3f}±{e:.3f}' for d, e in per_seed)}]"
+    )
+
+
+def _twin_table(runs: dict, models: list[str], config: Config) -> list[str]:
+    """Lines of the table of each model against its ``/random`` twin, if any ran."""
+    twins = [m for m in models if f"{m}/random" in models]
+    if not twins:
+        return []
+    lines = ["### Similarity init: selection - random (same steps, same seeds)", "",
+             "| model | equal steps: mean ± SE over seeds (z) [per seed] | equal time |",
+             "| --- | --- | --- |"]  # fmt: skip
+    for m in twins:
+        cells = [_across_seeds(runs, m, f"{m}/random", b, config.seeds) for b in ("steps", "time")]
+        lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
+    return [*lines, ""]
+
+
 def summary(state: dict, config: Config) -> str:
     """The markdown tables: per budget, each model's bpd and its paired differences from
     each control, per seed and across seeds."""
@@ -220,18 +266,10 @@ def summary(state: dict, config: Config) -> str:
                 if c == m:
                     row += " - |"
                     continue
-                per_seed = [
-                    paired(runs[f"{m}|{s}"][budget]["values"], runs[f"{c}|{s}"][budget]["values"])
-                    for s in config.seeds
-                ]
-                means = [d for d, _ in per_seed]
-                mean = statistics.mean(means)
-                se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else math.nan
-                z = mean / se if se > 0 else math.nan
-                seeds = ", ".join(f"{d:+.3f}±{e:.3f}" for d, e in per_seed)
-                row += f" {mean:+.4f} ± {se:.4f} ({z:+.1f}) [{seeds}] |"
+                row += f" {_across_seeds(runs, m, c, budget, config.seeds)} |"
             lines.append(row)
         lines.append("")
+    lines += _twin_table(runs, models, config)
     shares = [
         (m, runs[f"{m}|{s}"]) for m in models if m.startswith("iresnet-attn") for s in config.seeds
     ]

@@ -38,6 +38,7 @@ __all__ = [
     "inf_norm",
     "jacobian_norm",
     "jacobian_spectral_norm",
+    "selection_matrix",
     "spectral_norm",
 ]
 
@@ -58,6 +59,38 @@ def _as_matrix(weight: Tensor) -> Tensor:
             " use conv_spectral_upper_bound for larger kernels"
         )
     return weight.reshape(weight.shape[0], -1)
+
+
+def selection_matrix(rows: int, cols: int) -> Tensor:
+    r"""A (rows, cols) matrix whose every row selects one column, with weight 1 or -1.
+
+    Rows pick columns spread evenly (row k takes column :math:`\lfloor k \cdot cols /
+    rows \rfloor`) when ``rows <= cols``, and cycle through the columns otherwise, the
+    sign flipping on each new cycle. Every row has one nonzero entry, so the map's
+    induced :math:`\ell_\infty` norm (1) is what it does to a sign pattern and to a
+    single coordinate alike. At random weights the largest absolute row sum, on which
+    an :math:`\ell_\infty` certificate rests, grows with the row's length while what
+    data reach grows with its :math:`\ell_2` norm; the attention branches start their
+    similarity maps here so that their certified bound is not spent on that gap.
+
+    Examples:
+        >>> selection_matrix(2, 4)
+        tensor([[1., 0., 0., 0.],
+                [0., 0., 1., 0.]])
+        >>> selection_matrix(3, 2)
+        tensor([[ 1.,  0.],
+                [ 0.,  1.],
+                [-1.,  0.]])
+    """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"rows and cols must be positive, got {rows}, {cols}")
+    weight = torch.zeros(rows, cols)
+    for k in range(rows):
+        if rows <= cols:
+            weight[k, k * cols // rows] = 1.0
+        else:
+            weight[k, k % cols] = 1.0 if (k // cols) % 2 == 0 else -1.0
+    return weight
 
 
 def inf_norm(weight: Tensor) -> Tensor:

@@ -56,8 +56,8 @@ def test_unknown_names_and_missing_forms_raise_config_errors_that_suggest():
 
 
 def test_options_are_the_branch_classes_own_and_unknown_ones_are_named():
-    assert attention_kind("external").option_names() == {"slots", "hidden"}
+    assert attention_kind("external").option_names() == {"slots", "hidden", "similarity_init"}
     assert attention_kind("dot").option_names(certified=False) == {"reduction"}
     assert attention_kind("external").build(8, slots=4).slots == 4
-    with pytest.raises(ValueError, match="unknown option.*slots.*valid: reduction"):
+    with pytest.raises(ValueError, match="unknown option.*slots.*valid: reduction, similarity"):
         attention_kind("dot").build(8, slots=4)

@@ -221,14 +221,15 @@ def test_attention_ablation_end_to_end_and_resume(tmp_path, capsys):
     the per-image values, samples are drawn, and a second call trains nothing."""
     import json
 
-    models = "[iresnet, iresnet+actnorm, iresnet+conv, iresnet-attn:external]"
+    models = "[iresnet, iresnet+actnorm, iresnet+conv, iresnet-attn:external"
+    models += ", iresnet-attn:external/random]"
     argv = ["--dataset", "digits", "--train_images", "256", "--test_images", "24",
             "--models", models, "--seeds", "[0, 1]", "--steps", "4", "--seconds", "0.3",
             "--warmup", "2", "--model", "{blocks: 1, hidden: 4}",
             "--threads", str(torch.get_num_threads()), "--out", str(tmp_path)]  # fmt: skip
     attention_ablation.main(argv)
     state = json.loads((tmp_path / "ablation.json").read_text())
-    assert len(state["runs"]) == 8
+    assert len(state["runs"]) == 10
     for run in state["runs"].values():
         assert run["steps"]["step"] == 4 and run["time"]["seconds"] >= 0.3
         assert len(run["steps"]["values"]) == 24 and run["steps"]["estimator"].startswith("exact")
@@ -240,13 +241,27 @@ def test_attention_ablation_end_to_end_and_resume(tmp_path, capsys):
     ]  # fmt: skip
     table = (tmp_path / "ablation.md").read_text()
     assert "### Equal steps: 4 steps" in table and "### Equal time: 0.3 s" in table
-    time_table = table.split("### Equal time")[1].split("Share of")[0]
-    (row,) = [line for line in time_table.splitlines() if line.startswith("| iresnet-attn")]
+    time_table = table.split("### Equal time")[1].split("### Similarity init")[0]
+    (row,) = [
+        line for line in time_table.splitlines() if line.startswith("| iresnet-attn:external |")
+    ]
     assert f"{sum(per_seed) / 2:+.4f}" in row.split("|")[6]
+    twin = [
+        sum(a - b for a, b in zip(runs[f"iresnet-attn:external|{s}"]["steps"]["values"],
+                                  runs[f"iresnet-attn:external/random|{s}"]["steps"]["values"],
+                                  strict=True)) / 24
+        for s in (0, 1)
+    ]  # fmt: skip
+    (row,) = [
+        line
+        for line in table.split("### Similarity init")[1].split("Share of")[0].splitlines()
+        if "external |" in line
+    ]
+    assert f"{sum(twin) / 2:+.4f}" in row.split("|")[2]
     assert len(runs["iresnet-attn:external|0"]["init_share"]) == 1
     assert "samples" in runs["iresnet|0"] and "samples" not in runs["iresnet|1"]
     with Image.open(tmp_path / "samples.png") as image:
-        assert image.size[0] > 3 * image.size[1]  # four labelled panels side by side
+        assert image.size[0] > 3 * image.size[1]  # five labelled panels side by side
     capsys.readouterr()
     attention_ablation.main(argv)
     assert "seed 0:" not in capsys.readouterr().out  # nothing trained again
@@ -301,6 +316,21 @@ def test_ablation_specs_place_the_step_at_another_scale():
     assert control.extra_step == "actnorm" and control.attention_scale == 0
     with pytest.raises(ValueError, match="a number"):
         attention_ablation.model_config("iresnet-attn:l2@x", config, shape)
+
+
+def test_ablation_specs_start_the_similarity_maps_another_way():
+    config = attention_ablation.Config(model={"attention_options": {"heads": 2}})
+    shape = (3, 32, 32)
+    twin = attention_ablation.model_config("iresnet-attn:l2@0/random", config, shape)
+    assert twin.attention_options == {"heads": 2, "similarity_init": "random"}
+    assert twin.attention_scale == 0
+    assert attention_ablation.model_config("iresnet-attn:l2", config, shape).attention_options == {
+        "heads": 2
+    }
+    with pytest.raises(ValueError, match="one of selection, random"):
+        attention_ablation.model_config("iresnet-attn:l2/orthogonal", config, shape)
+    with pytest.raises(ValueError, match="only an attention spec"):
+        attention_ablation.model_config("iresnet+conv/random", config, shape)
 
 
 def test_demo_inverts_the_digits_through_every_variant(tmp_path, capsys):

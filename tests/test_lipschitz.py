@@ -18,6 +18,7 @@ from flowattn.lipschitz import (
     inf_norm,
     jacobian_norm,
     jacobian_spectral_norm,
+    selection_matrix,
     spectral_norm,
 )
 
@@ -262,3 +263,20 @@ def test_a_bound_memory_is_not_pickled_and_can_be_turned_off():
     older = ConvBoundMemory()
     older.warm_start = None  # as pickled when None meant "on the CPU only": now on
     assert pickle.loads(pickle.dumps(older)).warm_start is True
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 4), (3, 12), (4, 4), (32, 4), (5, 3)])
+def test_selection_matrix_selects_one_coordinate_per_row(rows, cols):
+    weight = selection_matrix(rows, cols)
+    assert weight.shape == (rows, cols)
+    assert ((weight != 0).sum(1) == 1).all() and set(weight.abs().unique().tolist()) == {0.0, 1.0}
+    assert float(inf_norm(weight)) == 1.0
+    used = (weight != 0).any(0)
+    assert int(used.sum()) == min(rows, cols)  # distinct columns, all of them once rows >= cols
+    if rows > cols:  # a column's second selection has the other sign
+        assert torch.equal(weight[cols], -weight[0])
+
+
+def test_selection_matrix_refuses_empty_shapes():
+    with pytest.raises(ValueError, match="must be positive"):
+        selection_matrix(0, 3)

@@ -372,3 +372,38 @@ def test_no_batched_product_of_two_transposed_operands_in_the_double_backward(
     assert (True, True) not in routed
     assert (True, True) in plain  # what the routing avoids
     torch.testing.assert_close(grad, grad_plain, rtol=1e-12, atol=1e-12)
+
+
+SIMILARITY_MAPS = {
+    "external": ("embed", "keys"),
+    "l2": ("query",),
+    "embedded_gaussian": ("theta", "phi"),
+    "dot": ("theta", "phi"),
+    "concat": ("theta", "phi"),
+}
+
+
+def _map_weight(branch, name):
+    module = getattr(branch, name)
+    return module if isinstance(module, torch.Tensor) else module.weight
+
+
+@pytest.mark.parametrize("kind", sorted(SIMILARITY_MAPS))
+@pytest.mark.parametrize("channels", [4, 12])
+def test_similarity_maps_start_as_selections_or_random(kind, channels):
+    selected = invertible_attention(kind, channels).branch
+    drawn = invertible_attention(kind, channels, similarity_init="random").branch
+    for name in SIMILARITY_MAPS[kind]:
+        weight = _map_weight(selected, name).detach().flatten(0, -2)
+        assert ((weight != 0).sum(-1) == 1).all()  # one coordinate per row
+        assert set(weight[weight != 0].tolist()) <= {1.0, -1.0}
+        assert (_map_weight(drawn, name) != 0).float().mean() > 0.9
+    x = torch.randn(2, channels, 4, 4)
+    assert selected.lipschitz_bound((channels, 4, 4)) <= 0.9 * (1 + 1e-6)
+    assert torch.isfinite(selected(x)).all()
+
+
+@pytest.mark.parametrize("kind", [*sorted(SIMILARITY_MAPS), "gaussian"])
+def test_unknown_similarity_init_is_named(kind):
+    with pytest.raises(ValueError, match="unknown similarity_init 'orthogonal'; valid: selection"):
+        invertible_attention(kind, 4, similarity_init="orthogonal")

@@ -19,6 +19,7 @@ Usage:
     python -m experiments.bench.bound_tightness
     python -m experiments.bench.bound_tightness --steps 600 --kinds external dot
     python -m experiments.bench.bound_tightness --dataset cifar10 --downsample 4
+    python -m experiments.bench.bound_tightness --similarity_init random  # PyTorch's init
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flowattn.capacity import budget_use, worst_case_norm
 from flowattn.data import load_dataset, stack_images
 from flowattn.models import build_model
 from flowattn.nn.attention_kinds import KINDS
+from flowattn.nn.lipschitz_attention import SIMILARITY_INITS
 from flowattn.precision import use_ieee_float32
 from flowattn.training import Trainer
 
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--ascent_steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--similarity_init", default="selection", choices=SIMILARITY_INITS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train = stack_images(load_dataset(args.dataset, "train"), 2000)
@@ -77,8 +80,9 @@ def main() -> None:
         )
     shape = tuple(train.shape[1:])
     print(
-        f"{args.dataset} {shape}, iresnet-attn tiny, {args.steps} training steps; shares of the "
-        "certified l-inf bound of the attention branch"
+        f"{args.dataset} {shape}, iresnet-attn tiny, {args.steps} training steps, similarity "
+        f"maps started as {args.similarity_init}; shares of the certified l-inf bound of the "
+        "attention branch"
     )
     print(
         f"{'kind':<18} {'bound':>7} {'init local':>10} {'init ascent':>11} "
@@ -86,7 +90,14 @@ def main() -> None:
     )
     for kind in args.kinds:
         torch.manual_seed(0)
-        model = build_model("iresnet-attn", image_shape=shape, size="tiny", attention=kind)
+        options = {"similarity_init": args.similarity_init}  # gaussian has no such maps
+        model = build_model(
+            "iresnet-attn",
+            image_shape=shape,
+            size="tiny",
+            attention=kind,
+            attention_options=options,
+        )
         bound, local0, ascent0 = measure(model, test, args)
         Trainer(model, train, batch_size=64, lr=1e-3).run(None, args.steps, progress=False)
         _, local1, ascent1 = measure(model, test, args)

@@ -48,13 +48,14 @@ __all__ = ["CertifiedPaperAttention"]
 import torch
 from torch import Tensor, nn
 
-from ..lipschitz import inf_norm
+from ..lipschitz import inf_norm, selection_matrix
 from .lipschitz_attention import (
     EXPONENTIAL,
     SIMILARITIES,
     BoundedOutputBranch,
     _mix_and_total,
     _paper_similarities,
+    check_similarity_init,
 )
 
 _SLOPE_PLUS_SIZE = 1.25
@@ -77,6 +78,11 @@ class CertifiedPaperAttention(BoundedOutputBranch):
         kind: ``gaussian``, ``embedded_gaussian``, ``dot`` or ``concat``.
         coeff: Bound c < 1 on the :math:`\ell_\infty` Lipschitz constant.
         reduction: Channel reduction of :math:`\theta, \phi` (C / reduction channels).
+        similarity_init: ``selection`` starts :math:`W_\theta` and :math:`W_\phi` as the
+            same selection of C / reduction channels
+            (:func:`~flowattn.lipschitz.selection_matrix`), so :math:`m` is what data
+            reach rather than what random rows could; ``random`` keeps PyTorch's init.
+            (``gaussian`` has no such maps.)
 
     Examples:
         >>> g = CertifiedPaperAttention(8, "dot")
@@ -86,17 +92,29 @@ class CertifiedPaperAttention(BoundedOutputBranch):
         True
     """
 
-    def __init__(self, channels: int, kind: str, coeff: float = 0.9, reduction: int = 4):
+    def __init__(
+        self,
+        channels: int,
+        kind: str,
+        coeff: float = 0.9,
+        reduction: int = 4,
+        similarity_init: str = "selection",
+    ):
         super().__init__(channels, coeff)
         if kind not in SIMILARITIES:
             raise ValueError(f"unknown similarity {kind!r}; valid: {', '.join(SIMILARITIES)}")
         if reduction < 1:
             raise ValueError(f"reduction must be positive, got {reduction}")
+        check_similarity_init(similarity_init)
         self.kind = kind
         inner = max(1, channels // reduction)
         if kind != "gaussian":
             self.theta = nn.Linear(channels, inner, bias=False)
             self.phi = nn.Linear(channels, inner, bias=False)
+            if similarity_init == "selection":
+                with torch.no_grad():
+                    self.theta.weight.copy_(selection_matrix(inner, channels))
+                    self.phi.weight.copy_(selection_matrix(inner, channels))
         if kind == "concat":
             self.concat = nn.Linear(2 * inner, 1, bias=False)
         self.value = nn.Linear(channels, channels, bias=False)

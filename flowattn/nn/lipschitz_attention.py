@@ -54,11 +54,23 @@ from ..lipschitz import (
     contraction_scale,
     inf_norm,
     jacobian_spectral_norm,
+    selection_matrix,
 )
 
 SIMILARITIES = ("gaussian", "embedded_gaussian", "dot", "concat")
 """The paper's four pairwise similarities (its attention kinds, after Wang et al., 2018)."""
 EXPONENTIAL = ("gaussian", "embedded_gaussian")  # normalised by their sums as a softmax
+SIMILARITY_INITS = ("selection", "random")
+"""How the certified branches start their similarity maps: as
+:func:`~flowattn.lipschitz.selection_matrix` (the default) or as PyTorch's random init."""
+
+
+def check_similarity_init(similarity_init: str) -> None:
+    """Raises ValueError unless ``similarity_init`` is one of :data:`SIMILARITY_INITS`."""
+    if similarity_init not in SIMILARITY_INITS:
+        raise ValueError(
+            f"unknown similarity_init {similarity_init!r}; valid: {', '.join(SIMILARITY_INITS)}"
+        )
 
 
 def _tokens(x: Tensor) -> Tensor:
@@ -320,6 +332,10 @@ class ExternalAttention(BoundedOutputBranch):
         coeff: Bound c < 1 on the :math:`\ell_\infty` Lipschitz constant.
         slots: Number S of external memory slots.
         hidden: Width of the features attended over (default C).
+        similarity_init: ``selection`` starts :math:`W_1` and :math:`M_k` as signed
+            selections of one coordinate per row (:func:`~flowattn.lipschitz.selection_matrix`),
+            so the logits' certified bound is what data reach, not what random rows
+            could; ``random`` keeps PyTorch's init.
 
     Examples:
         >>> g = ExternalAttention(8, slots=16)
@@ -332,17 +348,28 @@ class ExternalAttention(BoundedOutputBranch):
     certified_norm = "inf"
 
     def __init__(
-        self, channels: int, coeff: float = 0.9, slots: int = 32, hidden: int | None = None
+        self,
+        channels: int,
+        coeff: float = 0.9,
+        slots: int = 32,
+        hidden: int | None = None,
+        similarity_init: str = "selection",
     ):
         super().__init__(channels, coeff)
         hidden = channels if hidden is None else hidden
         if slots < 1 or hidden < 1:
             raise ValueError(f"slots and hidden must be positive, got {slots}, {hidden}")
+        check_similarity_init(similarity_init)
         self.slots = slots
         self.embed = nn.Linear(channels, hidden)
         self.keys = nn.Linear(hidden, slots, bias=False)
         self.values = nn.Linear(slots, hidden, bias=False)
         self.out = nn.Linear(hidden, channels)
+        if similarity_init == "selection":
+            with torch.no_grad():
+                self.embed.weight.copy_(selection_matrix(hidden, channels))
+                self.embed.bias.zero_()
+                self.keys.weight.copy_(selection_matrix(slots, hidden))
 
     def _raw_bound(self) -> Tensor:
         logits = inf_norm(self.keys.weight @ self.embed.weight)  # M_k W_1
@@ -395,6 +422,10 @@ class L2SelfAttention(AttentionBranch):
         coeff: Bound c < 1 on the :math:`\ell_\infty` Lipschitz constant.
         heads: Number of heads H.
         head_dim: Query dimension d per head (default C / H, at least 1).
+        similarity_init: ``selection`` starts each head's :math:`W^Q_h` as a selection
+            of d coordinates (:func:`~flowattn.lipschitz.selection_matrix`, shifted by
+            one channel per head); ``random`` draws it with standard deviation
+            :math:`1/\sqrt{C}`.
 
     Examples:
         >>> g = L2SelfAttention(8, heads=2)
@@ -407,15 +438,25 @@ class L2SelfAttention(AttentionBranch):
     certified_norm = "inf"
 
     def __init__(
-        self, channels: int, coeff: float = 0.9, heads: int = 1, head_dim: int | None = None
+        self,
+        channels: int,
+        coeff: float = 0.9,
+        heads: int = 1,
+        head_dim: int | None = None,
+        similarity_init: str = "selection",
     ):
         super().__init__(channels, coeff)
         if heads < 1:
             raise ValueError(f"heads must be positive, got {heads}")
+        check_similarity_init(similarity_init)
         d = max(1, channels // heads) if head_dim is None else head_dim
         dv = max(1, channels // heads)
         self.heads, self.head_dim, self.value_dim = heads, d, dv
-        self.query = nn.Parameter(torch.randn(heads, d, channels) / math.sqrt(channels))
+        if similarity_init == "selection":
+            query = torch.stack([selection_matrix(d, channels).roll(h, 1) for h in range(heads)])
+        else:
+            query = torch.randn(heads, d, channels) / math.sqrt(channels)
+        self.query = nn.Parameter(query)
         self.value = nn.Parameter(torch.randn(heads, dv, channels) / math.sqrt(channels))
         self.out = nn.Linear(heads * dv, channels)
 
