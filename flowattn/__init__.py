@@ -9,7 +9,7 @@ from . import data, evaluation, lipschitz, logdet, metrics, nn, solvers
 from .models import DensityModel, ModelConfig, build_model
 from .transforms import ResidualTransform, invertible_attention
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "DensityModel",

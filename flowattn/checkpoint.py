@@ -3,7 +3,7 @@ r"""Checkpoint files: data, not code, written atomically.
 A checkpoint is a ``torch.save`` dictionary of tensors, numbers, strings, lists and
 dicts only (random states included, as tensors), so it is read with
 ``torch.load(weights_only=True)``: a file carrying any other Python object is refused
-and nothing in it runs. Files of earlier formats (flowattn 0.1 and 0.2) are refused
+and nothing in it runs. Files of earlier formats (flowattn 0.1 to 0.4) are refused
 with an error that names the version that wrote them.
 
 It is written to a temporary file in the same directory and renamed over the old one
@@ -40,8 +40,14 @@ from .errors import CheckpointError, first_line
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
-_FORMAT = "flowattn-checkpoint-3"
-_OLD_FORMATS = {"flowattn-checkpoint-1": "flowattn 0.1", "flowattn-checkpoint-2": "flowattn 0.2"}
+_FORMAT = "flowattn-checkpoint-4"
+# format 3's certified paper kinds (gaussian, embedded_gaussian, dot, concat) scaled their
+# output by a looser bound: their weights would load into another function in 0.5
+_OLD_FORMATS = {
+    "flowattn-checkpoint-1": "flowattn 0.1",
+    "flowattn-checkpoint-2": "flowattn 0.2",
+    "flowattn-checkpoint-3": "flowattn 0.3 or 0.4",
+}
 
 
 def _file_mode() -> int:
@@ -146,7 +152,7 @@ def load_checkpoint(run_or_checkpoint: str | Path, map_location: Any = "cpu") ->
     return state
 
 
-#: A training run's checkpoint (format 3): each key and what it holds. Changing what a
+#: A training run's checkpoint (format 4): each key and what it holds. Changing what a
 #: run checkpoints is this table, :func:`run_checkpoint` and ``_FORMAT``.
 RUN_SCHEMA = {
     "model_config": "ModelConfig.to_dict(): the architecture, to rebuild the model",

@@ -52,7 +52,7 @@ class _Payload:
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"format": "flowattn-checkpoint-3", "x": _Payload(marker)}, tmp_path / "evil.pt")
+    torch.save({"format": "flowattn-checkpoint-4", "x": _Payload(marker)}, tmp_path / "evil.pt")
     torch.save(_Payload(marker), tmp_path / "bare.pt")  # not even a dict
     for name in ("evil.pt", "bare.pt"):
         with pytest.raises(CheckpointError, match="refusing to load") as error:
@@ -99,7 +99,7 @@ def test_previous_checkpoint_kept_mode_and_stale_temporaries(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("format, version", [("1", "0.1"), ("2", "0.2")])
+@pytest.mark.parametrize("format, version", [("1", "0.1"), ("2", "0.2"), ("3", "0.3 or 0.4")])
 def test_a_checkpoint_of_an_earlier_format_is_refused_naming_its_version(tmp_path, format, version):
     torch.save({"format": f"flowattn-checkpoint-{format}", "trainer": {}}, tmp_path / "old.pt")
     with pytest.raises(CheckpointError, match=f"written by flowattn {version} .*retrain"):

@@ -251,7 +251,7 @@ def test_a_checkpoint_that_would_run_code_runs_nothing(run, tmp_path, capsys):
     evil.mkdir()
     shutil.copy(run / "config.toml", evil / "config.toml")
     marker = tmp_path / "pwned"
-    torch.save({"format": "flowattn-checkpoint-3", "x": _Payload(marker)}, evil / "checkpoint.pt")
+    torch.save({"format": "flowattn-checkpoint-4", "x": _Payload(marker)}, evil / "checkpoint.pt")
     for argv in (
         ["eval", str(evil)],
         ["sample", str(evil), "-o", str(tmp_path / "s.png")],
