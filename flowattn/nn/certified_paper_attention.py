@@ -59,7 +59,7 @@ from .lipschitz_attention import (
 )
 
 _SLOPE_PLUS_SIZE = 1.25
-"""The largest value of :math:`\tanh'(x) + |\tanh(x)| = 1 - t^2 + |t|` (at :math:`|t| = 1/2`)."""
+r"""The largest value of :math:`\tanh'(x) + |\tanh(x)| = 1 - t^2 + |t|` (at :math:`|t| = 1/2`)."""
 
 
 def _entry_sum(weight: Tensor) -> Tensor:
@@ -112,9 +112,10 @@ class CertifiedPaperAttention(BoundedOutputBranch):
             self.theta = nn.Linear(channels, inner, bias=False)
             self.phi = nn.Linear(channels, inner, bias=False)
             if similarity_init == "selection":
+                selected = selection_matrix(inner, channels)
                 with torch.no_grad():
-                    self.theta.weight.copy_(selection_matrix(inner, channels))
-                    self.phi.weight.copy_(selection_matrix(inner, channels))
+                    self.theta.weight.copy_(selected)
+                    self.phi.weight.copy_(selected)
         if kind == "concat":
             self.concat = nn.Linear(2 * inner, 1, bias=False)
         self.value = nn.Linear(channels, channels, bias=False)
